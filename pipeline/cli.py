@@ -1,0 +1,178 @@
+"""The `das` command line. Each subcommand is a thin wrapper over one job module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+EXIT_USER_ERROR = 2
+
+
+def _config(path):
+    from .config import load_config
+
+    return load_config(path)
+
+
+def cmd_extract(args) -> int:
+    from .extract import run_extract
+
+    summary = run_extract(_config(args.config), args.split or None,
+                          show_progress=not args.quiet)
+    print(f"extract: rank {summary['rank']}/{summary['world']} wrote {summary['units']} units "
+          f"({summary['samples']} samples) in {summary['seconds']:.1f} s -> {summary['store']}")
+    return 0
+
+
+def cmd_reduce(args) -> int:
+    from .reduce import run_reduce
+
+    for readout, s in run_reduce(_config(args.config), show_progress=not args.quiet).items():
+        print(f"reduce: {readout}: trace {s['trace']:.4g}, numerical rank {s['rank']}, "
+              f"{s['seconds']:.1f} s")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .score import run_score
+
+    for name, s in run_score(_config(args.config), args.query_set or None,
+                             show_progress=not args.quiet).items():
+        print(f"score: {name}: {s['queries']} queries in {s['seconds']:.1f} s; top-k: "
+              f"{', '.join(s['csv'])}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    for step in (cmd_extract, cmd_reduce, cmd_score):
+        step(args)
+    return 0
+
+
+def status_lines(cfg, stale_after_s: float = 1800.0) -> list[str]:
+    """Per split: units done/total, per-rank rate, ETA and stale claims."""
+    from .store import Store
+
+    store = Store.open_existing(cfg.store.path)
+    lines = [f"store {store.path} (fingerprint {store.root.attrs['fingerprint_hash'][:12]})"]
+    now = time.time()
+    for name in ["train", *cfg.data.queries]:
+        if name not in store.split_names():
+            lines.append(f"  {name:<12} not started")
+            continue
+        split = store.split(name)
+        markers, claims = split.markers(), split.claims()
+        done = markers[:, 0] == 1.0
+        line = f"  {name:<12} units {int(done.sum())}/{split.num_units}"
+        rows_done = int(markers[done, 1].sum())
+        line += f"  samples {rows_done}/{split.num_samples}"
+        if done.sum() >= 2:
+            times = np.sort(markers[done, 2])
+            ranks = len(np.unique(markers[done, 4]))
+            span = times[-1] - times[0]
+            if span > 0:
+                rate = (done.sum() - 1) * split.rows_per_unit / span
+                left = split.num_samples - rows_done
+                line += f"  rate {rate:.2f} samples/s ({rate / ranks:.2f} per rank, {ranks} ranks)"
+                if left:
+                    line += f"  ETA {left / rate:.0f} s"
+        stale = np.flatnonzero(~done & (claims[:, 0] > 0) & (now - claims[:, 0] > stale_after_s))
+        if len(stale):
+            line += f"  stale units {stale[:8].tolist()}{'...' if len(stale) > 8 else ''}"
+        lines.append(line)
+    return lines
+
+
+def cmd_status(args) -> int:
+    print("\n".join(status_lines(_config(args.config), args.stale_after)))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .store import Store, StoreError
+
+    cfg = _config(args.config)
+    store = Store.open_existing(cfg.store.path)
+    bad_total = 0
+    for name in store.split_names():
+        split = store.split(name)
+        markers = split.markers()
+        bad = []
+        for unit in np.flatnonzero(markers[:, 0] == 1.0):
+            try:
+                split.read_unit(int(unit), marker=markers[unit])
+            except StoreError:
+                bad.append(int(unit))
+        if bad and args.fix:
+            for unit in bad:
+                split.group["markers"][unit] = 0.0
+        state = "unmarked" if args.fix else "corrupt"
+        print(f"{name}: {int((markers[:, 0] == 1).sum())} marked units checked, {len(bad)} "
+              f"{state}{': ' + str(bad[:10]) if bad else ''}")
+        bad_total += len(bad)
+    return 1 if bad_total and not args.fix else 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), show_progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="das", description=(
+        "Training-data attribution for diffusion models: DAS, D-TRAK and TRAK on a zarr store."))
+    parser.add_argument("--version", action="version", version=f"das-pipeline {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_, config=True):
+        p = sub.add_parser(name, help=help_, description=help_)
+        if config:
+            p.add_argument("config", help="TOML config file")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("extract", cmd_extract, "compute projected per-sample features into the store "
+            "(resumes; runs under accelerate launch / torchrun as one rank each)")
+    p.add_argument("--split", action="append", help="only this split (repeatable)")
+    add("reduce", cmd_reduce, "Gram, eigendecomposition per readout (needs a complete train split)")
+    p = add("score", cmd_score, "score query sets against the training set; writes top-k CSVs")
+    p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
+    p = add("run", cmd_run, "extract, reduce and score")
+    p.set_defaults(split=None, query_set=None)
+    p = add("status", cmd_status, "units done per split, rate, ETA, stale units")
+    p.add_argument("--stale-after", type=float, default=1800.0,
+                   help="seconds after which an unmarked claim counts as stale (default 1800)")
+    p = add("verify", cmd_verify, "re-read every marked unit and check it against its marker")
+    p.add_argument("--fix", action="store_true", help="unmark corrupt units so extract redoes them")
+    p = add("demo", cmd_demo, "train a tiny DDPM on digits (cached), attribute generated images, "
+            "write a picture", config=False)
+    p.add_argument("--out", default="das-demo", help="output folder (default ./das-demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .dist import PREEMPT_EXIT_CODE, Preempted
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # user errors (ConfigError, DataError, ModelError, StoreError, ...)
+        print(f"das {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Preempted as err:
+        print(f"das {args.command}: preempted: {err}", file=sys.stderr)
+        return PREEMPT_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,305 @@
+"""One TOML file -> a frozen dataclass tree. Every field has a docstring (the string under it).
+
+Paths in the file are relative to the file's folder. Unknown keys, wrong types and bad values
+raise ``ConfigError`` naming the setting, the value and the fix, before any work starts.
+
+Which settings change results (and so enter the store fingerprint) is decided here, in
+``result_settings``: everything else (batch sizes, devices, paths, workers) is operational.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+READOUTS = ("loss", "square", "mean")
+METHODS = ("trak", "dtrak", "das", "das_signed")
+METHOD_READOUT = {"trak": "loss", "dtrak": "square", "das": "mean", "das_signed": "mean"}
+PROJECTION_KINDS = ("rademacher", "gaussian")
+DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """A user setting is wrong; the message names the setting, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path = Path("base_model")
+    """A diffusers pipeline folder (DDPMPipeline layout: unet/ and scheduler/), safetensors only."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "digits"
+    """Training set: a .npy/.npz array (N,C,H,W) in [-1,1] or uint8, a folder of PNG/JPEG images
+    (rows in sorted file-name order), or `digits` (scikit-learn's 8x8 digits). A row range may
+    follow in brackets, e.g. `digits[0:400]`; samples keep their original row index as uid."""
+    queries: dict[str, str] = field(default_factory=dict)
+    """Query sets by name, each in the same forms as `train`. Names become store groups."""
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    readouts: tuple[str, ...] = READOUTS
+    """Scalar readouts whose per-sample gradients are stored: loss (TRAK), square (D-TRAK), mean (DAS)."""
+    timesteps: int = 10
+    """K: number of timesteps on the uniform grid t_j = j * (T // K), j = 0..K-1."""
+    noise_draws: int = 1
+    """S: noise draws per timestep; noise is keyed by (seed, sample uid, t, draw)."""
+    seed: int = 0
+    """Seed of the keyed noise."""
+    normalize: bool = False
+    """Divide each per-(t, draw) gradient by its L2 norm before averaging (DAS official code)."""
+    dtype: str = "float32"
+    """Arithmetic of the gradients and the stored features: float32, or float64 for verification."""
+    batch_size: int = 16
+    """Samples per vmapped gradient pass. Operational: does not change results."""
+    items_per_pass: int = 0
+    """(timestep, draw) pairs per pass per sample; 0 means all K*S at once. Operational."""
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    dim: int = 2048
+    """k: projection dimension."""
+    seed: int = 0
+    """Seed of the projection matrix (kernels/README.md)."""
+    kind: str = "rademacher"
+    """Matrix entries: rademacher (+-1/sqrt(k)) or gaussian (N(0,1)/sqrt(k))."""
+    backend: str = "auto"
+    """Which implementation applies the matrix: auto or reference. Operational (same matrix)."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path("runs/store.zarr")
+    """The zarr v3 feature store (a folder). Created on first use, resumed afterwards."""
+    rows_per_unit: int = 64
+    """Samples per work unit and per zarr chunk. Fixed when a split is created."""
+    reports: Path | None = None
+    """Folder for human-readable outputs (top-k CSV, pictures); default: <store>.reports beside it."""
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    methods: tuple[str, ...] = ("trak", "dtrak", "das")
+    """Methods to score: trak, dtrak, das, das_signed."""
+    damping: float = 0.01
+    """Damping lambda; relative (lambda = damping * trace(G) / k) unless damping_absolute is true."""
+    damping_absolute: bool = False
+    """Read `damping` as the absolute lambda added to the Gram's diagonal."""
+    gamma: float = 1.0
+    """Exponent of the leave-one-out correction (1 - h_i)^gamma in das; 0 gives the official code's form."""
+    topk: int = 10
+    """Top proponents per query written to the CSV reports."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The diffusion model whose training data is attributed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training set and query sets."""
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    """Per-sample gradient features."""
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    """JL projection of the features."""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    """Where features, reductions and scores live."""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """Reduction and scoring."""
+    source: Path | None = None
+    """The TOML file this config came from (None when built in code)."""
+
+    @property
+    def reports_dir(self) -> Path:
+        if self.store.reports is not None:
+            return self.store.reports
+        return self.store.path.with_name(self.store.path.name.removesuffix(".zarr") + ".reports")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "features": FeaturesConfig,
+    "projection": ProjectionConfig,
+    "store": StoreConfig,
+    "score": ScoreConfig,
+}
+
+
+def _fail(section: str, key: str, value: Any, fix: str) -> ConfigError:
+    return ConfigError(f"[{section}] {key} = {value!r}: {fix}")
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, base: Path) -> Any:
+    """Convert a TOML value to the type of the field's default, or raise ConfigError."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _fail(section, key, value, "must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(section, key, value, "must be an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(section, key, value, "must be a number")
+        return float(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _fail(section, key, value, "must be a list of strings")
+        return tuple(value)
+    if isinstance(default, Path) or (section, key) == ("store", "reports"):
+        if not isinstance(value, str):
+            raise _fail(section, key, value, "must be a path string")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path)
+    if isinstance(default, dict):
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise _fail(section, key, value, "must be a table of name = \"source\" strings")
+        return {name: _resolve_source(src, base) for name, src in value.items()}
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise _fail(section, key, value, "must be a string")
+        if (section, key) == ("data", "train"):
+            return _resolve_source(value, base)
+        return value
+    raise AssertionError(f"no coercion for {section}.{key}")
+
+
+def _resolve_source(source: str, base: Path) -> str:
+    """Make a dataset source absolute unless it is a built-in name (e.g. `digits[0:10]`)."""
+    name = source.split("[", 1)[0]
+    if name == "digits":
+        return source
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    return str(path) + source[len(name):]
+
+
+def _build(cls, section: str, table: dict, base: Path):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"[{section}] {key}: unknown setting; known settings are "
+                              f"{', '.join(sorted(known))}")
+        default = known[key].default
+        if default is dataclasses.MISSING:
+            default = known[key].default_factory()
+        kwargs[key] = _coerce(section, key, value, default, base)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict, base: Path = Path("."), source: Path | None = None) -> Config:
+    """Build and validate a Config from a parsed TOML table; paths resolve against ``base``."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) [{'], ['.join(unknown)}]; known sections are "
+                          f"[{'], ['.join(SECTIONS)}]")
+    parts = {}
+    for section, cls in SECTIONS.items():
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table, got {table!r}")
+        parts[section] = _build(cls, section, table, base)
+    if "path" not in raw.get("model", {}):
+        raise ConfigError("[model] path is missing: set it to a diffusers pipeline folder "
+                          "(unet/ and scheduler/), e.g. path = \"base_model\"")
+    if "path" not in raw.get("store", {}):
+        raise ConfigError("[store] path is missing: set it to the zarr store folder, "
+                          "e.g. path = \"runs/features.zarr\"")
+    cfg = Config(**parts, source=source)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a TOML file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    return from_dict(raw, base=path.resolve().parent, source=path.resolve())
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone do not catch; raise ConfigError with the fix."""
+    f, p, s, st = cfg.features, cfg.projection, cfg.score, cfg.store
+    if not f.readouts:
+        raise _fail("features", "readouts", list(f.readouts), f"list at least one of {READOUTS}")
+    for r in f.readouts:
+        if r not in READOUTS:
+            raise _fail("features", "readouts", list(f.readouts),
+                        f"unknown readout {r!r}; choose from {READOUTS}")
+    if len(set(f.readouts)) != len(f.readouts):
+        raise _fail("features", "readouts", list(f.readouts), "list each readout once")
+    for key in ("timesteps", "noise_draws", "batch_size"):
+        if getattr(f, key) < 1:
+            raise _fail("features", key, getattr(f, key), "must be >= 1")
+    if f.items_per_pass < 0:
+        raise _fail("features", "items_per_pass", f.items_per_pass, "must be >= 0 (0 = all)")
+    if f.seed < 0:
+        raise _fail("features", "seed", f.seed, "must be >= 0")
+    if f.dtype not in DTYPES:
+        raise _fail("features", "dtype", f.dtype, f"choose one of {DTYPES}")
+    if p.dim < 1:
+        raise _fail("projection", "dim", p.dim, "must be >= 1 (typical: 2048 to 32768)")
+    if not 0 <= p.seed < 2**64:
+        raise _fail("projection", "seed", p.seed, "must be in [0, 2**64)")
+    if p.kind not in PROJECTION_KINDS:
+        raise _fail("projection", "kind", p.kind, f"choose one of {PROJECTION_KINDS}")
+    if p.backend not in ("auto", "reference"):
+        raise _fail("projection", "backend", p.backend, "choose auto or reference")
+    if st.rows_per_unit < 1:
+        raise _fail("store", "rows_per_unit", st.rows_per_unit, "must be >= 1 (typical: 64)")
+    if not s.methods:
+        raise _fail("score", "methods", list(s.methods), f"list at least one of {METHODS}")
+    for m in s.methods:
+        if m not in METHODS:
+            raise _fail("score", "methods", list(s.methods),
+                        f"unknown method {m!r}; choose from {METHODS}")
+        if METHOD_READOUT[m] not in f.readouts:
+            raise _fail("score", "methods", list(s.methods),
+                        f"method {m!r} needs readout {METHOD_READOUT[m]!r}; add it to "
+                        f"[features] readouts")
+    if not s.damping > 0:
+        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 0.01)")
+    if s.topk < 1:
+        raise _fail("score", "topk", s.topk, "must be >= 1")
+    for name in cfg.data.queries:
+        if not name or not name.replace("_", "").replace("-", "").isalnum() or name == "train":
+            raise _fail("data.queries", name, cfg.data.queries[name],
+                        "query set names must be letters, digits, '-' or '_', and not 'train'")
+
+
+def result_settings(cfg: Config) -> dict:
+    """The settings that change stored features; they enter the store fingerprint.
+
+    Batch sizes, backend, paths and score settings are left out on purpose: they do not change
+    the features (score settings are recorded beside the scores instead).
+    """
+    f, p = cfg.features, cfg.projection
+    return {
+        "readouts": list(f.readouts),
+        "timesteps": f.timesteps,
+        "schedule": "uniform:j*(T//K)",
+        "noise_draws": f.noise_draws,
+        "noise_seed": f.seed,
+        "noise_rng": "torch.Generator(cpu).randn keyed by blake2b(seed|uid|t|draw)",
+        "normalize": f.normalize,
+        "dtype": f.dtype,
+        "projection": {"kind": p.kind, "dim": p.dim, "seed": p.seed},
+    }

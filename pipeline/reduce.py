@@ -1,0 +1,135 @@
+"""`das reduce`: streamed float64 Gram per readout, one eigendecomposition, damping, leverage.
+
+    G = Phi^T Phi = sum_i phi_i phi_i^T                (k x k, float64)
+    G = V diag(e) V^T                                   (eigh, once)
+    (G + lambda I)^-1 x = V diag(1 / (e + lambda)) V^T x (any lambda in O(k^2))
+    lambda = c * trace(G) / k (relative) or c (absolute)
+    h_i = phi_i (G + lambda I)^-1 phi_i^T               (leverage)
+
+Legend: N train rows, Q queries, K projection dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import METHOD_READOUT, Config
+from .store import Split, Store, StoreError
+
+
+@dataclass
+class Factor:
+    """Eigendecomposition of one readout's Gram: G = V diag(e) V^T."""
+
+    eigvals_K: torch.Tensor
+    eigvecs_KK: torch.Tensor
+    trace: float
+    num_samples: int
+
+    @property
+    def dim(self) -> int:
+        return self.eigvals_K.shape[0]
+
+    def damping(self, c: float, absolute: bool = False) -> float:
+        """lambda = c * trace(G) / k, or c itself when ``absolute``."""
+        return float(c) if absolute else float(c) * self.trace / self.dim
+
+    def solve(self, x_KQ: torch.Tensor, lam: float) -> torch.Tensor:
+        """(G + lam I)^-1 x for x of shape (K, Q), float64."""
+        v = self.eigvecs_KK
+        return v @ ((v.T @ x_KQ.to(v.dtype)) / (self.eigvals_K + lam)[:, None])
+
+    def leverage(self, feats_NK: torch.Tensor, lam: float) -> torch.Tensor:
+        """h_i = phi_i (G + lam I)^-1 phi_i^T, float64 (N,)."""
+        coords_NK = feats_NK.to(self.eigvecs_KK.dtype) @ self.eigvecs_KK
+        return (coords_NK.pow(2) / (self.eigvals_K + lam)).sum(1)
+
+
+def gram(feature_blocks, dim: int, device="cpu") -> torch.Tensor:
+    """Sum of phi^T phi over an iterable of (n, K) blocks, accumulated in float64."""
+    gram_KK = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    for block in feature_blocks:
+        f = torch.as_tensor(block).to(device, torch.float64)
+        gram_KK.addmm_(f.T, f)
+    return gram_KK
+
+
+def factor(gram_KK: torch.Tensor, num_samples: int) -> Factor:
+    """Eigendecomposition of a symmetric PSD Gram; round-off negatives are clamped to 0."""
+    gram_KK = 0.5 * (gram_KK + gram_KK.T)
+    eigvals, eigvecs = torch.linalg.eigh(gram_KK)
+    return Factor(eigvals.clamp_min(0.0), eigvecs, float(torch.trace(gram_KK)), num_samples)
+
+
+def markers_digest(markers: np.ndarray) -> str:
+    """Identity of a split's content: the per-unit rows and checksums of its markers."""
+    return hashlib.sha256(np.ascontiguousarray(markers[:, [1] + list(range(5, markers.shape[1]))])
+                          .tobytes()).hexdigest()
+
+
+def needed_readouts(cfg: Config) -> list[str]:
+    return sorted({METHOD_READOUT[m] for m in cfg.score.methods}, key=cfg.features.readouts.index)
+
+
+def iter_features(split: Split, readout: str, markers: np.ndarray, desc: str, show: bool):
+    for unit in tqdm(range(split.num_units), desc=desc, disable=not show, unit="unit"):
+        yield split.read_unit(unit, (readout,), markers[unit]).features[readout]
+
+
+def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu") -> dict:
+    """Compute and store the Gram factor of every readout the configured methods need.
+
+    Raises:
+        StoreError: the train split is incomplete or corrupt.
+    """
+    store = Store.open_existing(cfg.store.path)
+    train = store.split("train")
+    markers = train.require_complete()
+    digest = markers_digest(markers)
+    summary = {}
+    for readout in needed_readouts(cfg):
+        started = time.perf_counter()
+        g = gram(iter_features(train, readout, markers, f"gram {readout}", show_progress),
+                 train.dim, device)
+        fac = factor(g, train.num_samples)
+        save_factor(store, readout, g, fac, digest)
+        summary[readout] = {"seconds": time.perf_counter() - started, "trace": fac.trace,
+                            "rank": int((fac.eigvals_K > fac.eigvals_K.max() * 1e-12).sum())}
+    return summary
+
+
+def save_factor(store: Store, readout: str, gram_KK: torch.Tensor, fac: Factor, digest: str):
+    group = store.root.require_group("reduce").require_group(readout)
+    k = fac.dim
+    for name, value in (("gram", gram_KK), ("eigvals", fac.eigvals_K), ("eigvecs", fac.eigvecs_KK)):
+        arr = group.create_array(name, shape=tuple(value.shape), dtype="float64",
+                                 chunks=tuple(min(s, 4096) for s in value.shape), overwrite=True)
+        arr[...] = value.cpu().numpy()
+    group.attrs.update({"num_samples": fac.num_samples, "trace": fac.trace, "dim": k,
+                        "train_digest": digest,
+                        "fingerprint_hash": store.root.attrs["fingerprint_hash"]})
+
+
+def load_factor(store: Store, readout: str, device="cpu") -> Factor:
+    """Load a stored factor; refuse one computed from other training features.
+
+    Raises:
+        StoreError: missing or stale reduction.
+    """
+    if "reduce" not in store.root or readout not in store.root["reduce"]:
+        raise StoreError(f"no reduction for readout {readout!r} in {store.path}; run "
+                         f"`das reduce CONFIG` first")
+    group = store.root["reduce"][readout]
+    train = store.split("train")
+    if group.attrs["train_digest"] != markers_digest(train.markers()):
+        raise StoreError(f"the reduction of {readout!r} in {store.path} was computed from other "
+                         f"training features than the store now holds; rerun `das reduce CONFIG`")
+    as_t = lambda name: torch.from_numpy(group[name][...]).to(device)  # noqa: E731
+    return Factor(as_t("eigvals"), as_t("eigvecs"), group.attrs["trace"],
+                  group.attrs["num_samples"])
