@@ -2,7 +2,11 @@
 
 Each rank takes the units it owns (``dist.owned_units``), skips marked ones, and for each unit:
 claim -> features of its rows (batches of ``features.batch_size``) -> write chunks -> marker.
-A stop signal between batches drops the unit unmarked and raises ``Preempted``.
+A stop signal between batches drops the unit unmarked and raises ``Preempted``. Rank 0 alone
+creates the store and its splits; other ranks wait for them. Zarr writes each chunk to a
+temporary file and renames it, so a worker killed at any moment leaves whole chunks and no
+marker; a unit's chunks and marker are committed under a per-unit lock, so duplicate workers
+(a requeued job overlapping its predecessor) never mix their writes.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
     for b_lo in range(lo, hi, cfg.features.batch_size):
         if stop:
             return None
+        dist.fault_point("batch")
         b_hi = min(hi, b_lo + cfg.features.batch_size)
         batch = per_sample_gradients(unet, job.model.scheduler, ds.load(b_lo, b_hi),
                                      ds.uids[b_lo:b_hi], spec,
@@ -109,19 +114,25 @@ def open_splits(job: Job, rank: dist.RankInfo) -> tuple[Store, dict[str, Split]]
 
 
 def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInfo | None = None,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, partial_gram: bool = False) -> dict:
     """Extract the features of the given splits (default: train and every query set).
+
+    With ``partial_gram`` the rank then stores the partial Gram of the train units it owns
+    (``reduce.write_partial``), which ``das reduce`` sums instead of streaming the store.
 
     Returns a summary dict (units written, samples, seconds). Raises ``dist.Preempted`` after a
     stop signal; what was marked stays valid and the rerun continues from it.
     """
-    rank = rank or dist.current()
+    with dist.StopFlag() as stop:
+        return _extract(cfg, splits, rank or dist.current(), show_progress, partial_gram, stop)
+
+
+def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
     job = prepare(cfg, splits)
     store, split_map = open_splits(job, rank)
     if splits:
         split_map = {s: split_map[s] for s in splits}
     unet = job.model.unet.to(rank.device, getattr(torch, cfg.features.dtype))
-    stop = dist.StopFlag().install()
     todo = []
     for name, split in split_map.items():
         done = set(split.done_units().tolist())
@@ -136,21 +147,31 @@ def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInf
             if split.is_done(unit):  # another worker (e.g. a requeued twin) finished it
                 continue
             split.claim(unit, rank.rank)
+            dist.fault_point("claim")
             lo, hi = split.unit_rows(unit)
             data = unit_features(job, unet, ds, lo, hi, stop)
             if data is None:
                 raise dist.Preempted(f"signal {stop.signum}: dropped unit {unit} of {name!r} "
                                      f"unmarked after {written} units; rerun to continue")
             dist.fault_point("before_write")
-            split.write_unit(unit, data, rank.rank)
-            written += 1
-            samples += hi - lo
+            if split.commit_unit(unit, data, rank.rank):
+                written += 1
+                samples += hi - lo
             bar.set_postfix(split=name, unit=unit)
             bar.update(hi - lo)
             dist.fault_point("after_unit")
             if stop:
                 raise dist.Preempted(f"signal {stop.signum}: stopped after unit {unit} of "
                                      f"{name!r}; rerun to continue")
+    partials = []
+    if partial_gram and "train" in split_map:
+        from .reduce import needed_readouts, write_partial
+
+        train = split_map["train"]
+        units = range(rank.rank, train.num_units, rank.world)
+        for readout in needed_readouts(cfg) if len(units) else []:
+            write_partial(store, train, readout, units, rank.rank, rank.world)
+            partials.append(readout)
     seconds = time.perf_counter() - started
     return {"units": written, "samples": samples, "seconds": seconds, "rank": rank.rank,
-            "world": rank.world, "store": str(store.path)}
+            "world": rank.world, "store": str(store.path), "partials": partials}

@@ -6,6 +6,10 @@
     lambda = c * trace(G) / k (relative) or c (absolute)
     h_i = phi_i (G + lambda I)^-1 phi_i^T               (leverage)
 
+Partial Grams: a rank may store G_r = sum over its train units (``write_partial``); the reduce
+job sums them when one world's partials cover every unit exactly once and match the current
+markers, and otherwise streams the store (``--partials auto``), or refuses (``require``).
+
 Legend: N train rows, Q queries, K projection dim.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .config import METHOD_READOUT, Config
+from .dist import fault_point
 from .store import Split, Store, StoreError
 
 
@@ -82,12 +88,91 @@ def iter_features(split: Split, readout: str, markers: np.ndarray, desc: str, sh
         yield split.read_unit(unit, (readout,), markers[unit]).features[readout]
 
 
-def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu") -> dict:
+def write_partial(store: Store, train: Split, readout: str, units: range, rank: int, world: int,
+                  device="cpu") -> None:
+    """Store the float64 Gram of ``units`` of the train split (all must be marked).
+
+    Written as one (K, K) array whose attributes (the coverage, a digest of the covered units'
+    markers and a checksum) are written last, so an interrupted write is never trusted.
+    """
+    markers = train.markers()
+    g = gram((train.read_unit(u, (readout,), markers[u]).features[readout] for u in units),
+             train.dim, device).cpu().numpy()
+    group = store.root.require_group("partials").require_group(readout)
+    arr = group.create_array(f"r{rank}-w{world}", shape=g.shape, dtype="float64",
+                             chunks=tuple(min(s, 4096) for s in g.shape), fill_value=np.nan,
+                             overwrite=True)
+    arr[...] = g
+    fault_point("partial")
+    arr.attrs.update({"units": [units.start, units.stop, units.step], "rank": rank,
+                      "world": world, "num_units": train.num_units,
+                      "digest": markers_digest(markers[list(units)]),
+                      "checksum": float(g.sum()), "time": time.time(),
+                      "fingerprint_hash": store.root.attrs["fingerprint_hash"]})
+
+
+def summed_partials(store: Store, train: Split, readout: str, markers: np.ndarray
+                    ) -> tuple[torch.Tensor | None, str]:
+    """Sum of the partial Grams of one world that cover every train unit exactly once.
+
+    Returns (gram or None, explanation). Partials that are unfinished, corrupt, stale (their
+    units were re-extracted since) or from another fingerprint never count; when no world's
+    valid partials cover every unit exactly once the result is None and the explanation says
+    which units are missing or doubled.
+    """
+    if "partials" not in store.root or readout not in store.root["partials"]:
+        return None, "no partial Grams in the store"
+    by_world: dict[int, list] = {}
+    rejected = []
+    for name, arr in sorted(store.root["partials"][readout].arrays()):
+        a = arr.attrs.asdict()
+        if "checksum" not in a:
+            rejected.append(f"{name} (unfinished)")
+            continue
+        units = range(*a["units"])
+        if a["fingerprint_hash"] != store.root.attrs["fingerprint_hash"] or \
+                a["num_units"] != train.num_units or units.stop > train.num_units:
+            rejected.append(f"{name} (other store layout)")
+            continue
+        if a["digest"] != markers_digest(markers[list(units)]):
+            rejected.append(f"{name} (stale: its units were re-extracted since)")
+            continue
+        by_world.setdefault(a["world"], []).append((name, arr, units, a["checksum"]))
+    problems = [f"rejected {', '.join(rejected)}"] if rejected else []
+    for world, parts in sorted(by_world.items()):
+        count = np.zeros(train.num_units, dtype=np.int64)
+        for _, _, units, _ in parts:
+            count[list(units)] += 1
+        missing, doubled = np.flatnonzero(count == 0), np.flatnonzero(count > 1)
+        if len(missing) or len(doubled):
+            problems.append(f"world {world}: {len(parts)} partials miss units "
+                            f"{missing[:8].tolist()} and double units {doubled[:8].tolist()}")
+            continue
+        total = np.zeros((train.dim, train.dim))
+        for name, arr, _, checksum in parts:
+            g = arr[...]
+            if not np.isclose(g.sum(), checksum, rtol=1e-12, atol=0):
+                raise StoreError(f"partial Gram {store.path}/partials/{readout}/{name} does not "
+                                 f"match its checksum; delete it and rerun `das reduce CONFIG`")
+            total += g
+        return torch.from_numpy(total), f"summed {len(parts)} partial Grams of world {world}"
+    return None, "; ".join(problems) or "no finished partial Grams"
+
+
+def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
+               partials: str = "auto") -> dict:
     """Compute and store the Gram factor of every readout the configured methods need.
 
+    ``partials``: ``auto`` sums the extraction ranks' partial Grams when they cover every unit
+    exactly once and streams the store otherwise; ``require`` refuses to stream; ``ignore``
+    always streams.
+
     Raises:
-        StoreError: the train split is incomplete or corrupt.
+        StoreError: the train split is incomplete or corrupt, or partials are required but
+            unusable.
     """
+    if partials not in ("auto", "require", "ignore"):
+        raise ValueError(f"--partials {partials!r}: choose auto, require or ignore")
     store = Store.open_existing(cfg.store.path)
     train = store.split("train")
     markers = train.require_complete()
@@ -95,12 +180,25 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu") -> 
     summary = {}
     for readout in needed_readouts(cfg):
         started = time.perf_counter()
-        g = gram(iter_features(train, readout, markers, f"gram {readout}", show_progress),
-                 train.dim, device)
-        fac = factor(g, train.num_samples)
+        g, source = None, "streamed the store"
+        if partials != "ignore":
+            g, why = summed_partials(store, train, readout, markers)
+            if g is None and partials == "require":
+                raise StoreError(f"--partials require: no usable partial Grams for {readout!r} "
+                                 f"({why}); rerun `das extract CONFIG --partial-gram`, or use "
+                                 f"--partials auto to stream the store")
+            if g is None and why != "no partial Grams in the store":
+                warnings.warn(f"partial Grams of {readout!r} not used ({why}); streaming the "
+                              f"store instead", stacklevel=2)
+            source = why if g is not None else source
+        if g is None:
+            g = gram(iter_features(train, readout, markers, f"gram {readout}", show_progress),
+                     train.dim, device)
+        fac = factor(g.to(device), train.num_samples)
         save_factor(store, readout, g, fac, digest)
         summary[readout] = {"seconds": time.perf_counter() - started, "trace": fac.trace,
-                            "rank": int((fac.eigvals_K > fac.eigvals_K.max() * 1e-12).sum())}
+                            "rank": int((fac.eigvals_K > fac.eigvals_K.max() * 1e-12).sum()),
+                            "source": source}
     return summary
 
 
