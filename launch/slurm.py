@@ -87,7 +87,8 @@ def launch_command(plan: Plan) -> str:
     """The ``accelerate launch`` line of one array task (without the das arguments)."""
     args = [plan.python, "-m", "accelerate.commands.launch", "--num_machines", "1",
             "--num_processes", str(plan.procs_per_task), "--mixed_precision", "no",
-            "--dynamo_backend", "no"]
+            "--dynamo_backend", "no", "--num_cpu_threads_per_process",
+            str(max(1, plan.cpus_per_task // plan.procs_per_task))]
     if plan.procs_per_task > 1:
         # On CPU too: `--cpu --num_processes L` would start one process (dist.py); the ranks
         # create their accelerate state with cpu=True when CUDA is absent.

@@ -39,7 +39,16 @@ def rank_rates(markers: np.ndarray, claims: np.ndarray) -> dict[int, float]:
     return rates
 
 
-def split_lines(split: Split, now: float, stale_after: float) -> list[str]:
+def active_ranks(split: Split, now: float, window: float) -> set[int]:
+    """Ranks that claimed or marked a unit of the split in the last ``window`` seconds."""
+    markers, claims = split.markers(), split.claims()
+    done = markers[:, 0] == 1.0
+    return ({int(r) for r in markers[done & (markers[:, 2] > now - window), 4]}
+            | {int(r) for r in claims[~done & (claims[:, 0] > now - window), 2]})
+
+
+def split_lines(split: Split, now: float, stale_after: float, active: set[int]) -> list[str]:
+    """Lines of one split; ``active``: ranks working anywhere in the store lately."""
     markers, claims = split.markers(), split.claims()
     done = markers[:, 0] == 1.0
     rows_done = int(markers[done, 1].sum())
@@ -49,14 +58,11 @@ def split_lines(split: Split, now: float, stale_after: float) -> list[str]:
     if not left:
         return [head + "  complete"]
     rates = rank_rates(markers, claims)
-    recent = np.maximum(np.where(done, markers[:, 2], 0.0), claims[:, 0]) > now - stale_after
-    active = {int(r) for r in np.concatenate([markers[recent & done, 4],
-                                              claims[recent & ~done, 2]])}
     speed = sum(rates.get(r, 0.0) for r in active)
     if speed > 0:
         head += f"  rate {speed:.3g} samples/s ({len(active)} active ranks)  ETA {_duration(left / speed)}"
     elif active:
-        head += f"  {len(active)} active ranks, no unit finished yet"
+        head += f"  {len(active)} active ranks, no rate yet"
     else:
         head += f"  no rank active in the last {_duration(stale_after)}"
     lines = [head]
@@ -88,11 +94,14 @@ def status_lines(cfg: Config, stale_after: float = 1800.0, now: float | None = N
     now = time.time() if now is None else now
     lines = [f"store {store.path} (fingerprint {store.root.attrs['fingerprint_hash'][:12]})"]
     present = store.split_names()
+    splits = [store.split(n) for n in ["train", *cfg.data.queries] if n in present]
+    active = set().union(*(active_ranks(s, now, stale_after) for s in splits))
+    by_name = {s.name: s for s in splits}
     for name in ["train", *cfg.data.queries]:
-        if name not in present:
+        if name in by_name:
+            lines += split_lines(by_name[name], now, stale_after, active)
+        else:
             lines.append(f"  {name:<12} not started")
-            continue
-        lines += split_lines(store.split(name), now, stale_after)
     if "partials" in store.root:
         for readout, group in sorted(store.root["partials"].groups()):
             worlds = sorted({a.attrs.get("world") for _, a in group.arrays() if "checksum" in a.attrs})
