@@ -142,9 +142,15 @@ class Preempted(RuntimeError):
 
 
 def fault_point(name: str) -> None:
-    """Test hook: ``DAS_FAULT=name:n`` sends SIGKILL to this process the n-th time it gets here."""
+    """Test hook: ``DAS_FAULT=name:n`` sends SIGKILL to this process the n-th time it gets here.
+
+    With ``DAS_FAULT_TASK=i`` only the processes of array task i (DAS_ARRAY_TASK_ID) are hit.
+    """
     spec = os.environ.get("DAS_FAULT")
     if not spec or not spec.startswith(name + ":"):
+        return
+    task = os.environ.get("DAS_FAULT_TASK")
+    if task is not None and task != os.environ.get("DAS_ARRAY_TASK_ID"):
         return
     assert name in FAULT_POINTS, name
     counter = f"_DAS_FAULT_COUNT_{name}"

@@ -104,10 +104,12 @@ class Store:
                 if path.exists() and any(path.iterdir()):
                     raise StoreError(f"[store] path = {str(path)!r} exists and is not a zarr store; "
                                      f"choose another path")
-                root = zarr.open_group(path, mode="w-")
-                root.attrs.update({"format_version": FORMAT_VERSION, "fingerprint": fingerprint,
-                                   "fingerprint_hash": fingerprint_hash(fingerprint),
-                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                # Attributes in the one (atomic) write of zarr.json: waiting ranks open the
+                # store as soon as that file exists.
+                root = zarr.open_group(path, mode="w-", attributes={
+                    "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
+                    "fingerprint_hash": fingerprint_hash(fingerprint),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 return cls(path, root)
         root = zarr.open_group(path, mode="r+")
         attrs = root.attrs.asdict()
