@@ -135,7 +135,7 @@ def summed_partials(store: Store, train: Split, readout: str, markers: np.ndarra
             rejected.append(f"{name} (other store layout)")
             continue
         if a["digest"] != markers_digest(markers[list(units)]):
-            rejected.append(f"{name} (stale: its units were re-extracted since)")
+            rejected.append(f"{name} (stale: its units hold other data now)")
             continue
         by_world.setdefault(a["world"], []).append((name, arr, units, a["checksum"]))
     problems = [f"rejected {', '.join(rejected)}"] if rejected else []

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_dist import DAS, make_reference, run, write_config
-
 from das_pipeline.config import load_config
 from das_pipeline.score import read_scores
 from das_pipeline.store import Store
+from test_dist import DAS, make_reference, run, write_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "local_slurm.sh"
 pytestmark = pytest.mark.slurm
@@ -145,6 +144,6 @@ def test_failing_array_task_cancels_the_dependent_job(slurm, tmp_path, tiny_mode
     assert states == {"0": "COMPLETED", "1": "FAILED"}
     (after,) = jobs(slurm, dependent)
     assert after["JobState"] == "CANCELLED", after
-    assert after["Reason"] == "DependencyNeverSatisfied" or after["StartTime"] == "Unknown" or \
-        after["RunTime"] == "00:00:00", after
+    assert (after["Reason"], after["RunTime"]) == ("DependencyNeverSatisfied", "00:00:00"), after
+    assert "task 1 failed (exit 1)" in (logs / f"extract-{array}_1.out").read_text()
     assert not (tmp_path / "fail.reports").exists()  # score never ran

@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from das_pipeline.cli import main
 from das_pipeline.launch.slurm import Plan, render
 
