@@ -120,7 +120,8 @@ def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInf
     store, split_map = open_splits(job, rank)
     if splits:
         split_map = {s: split_map[s] for s in splits}
-    unet = job.model.unet.to(rank.device, getattr(torch, cfg.features.dtype))
+    # nn.Module.to: diffusers' own .to() warns about dtype casts we make on purpose (float64 checks).
+    unet = torch.nn.Module.to(job.model.unet, rank.device, getattr(torch, cfg.features.dtype))
     stop = dist.StopFlag().install()
     todo = []
     for name, split in split_map.items():
@@ -142,7 +143,9 @@ def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInf
                 raise dist.Preempted(f"signal {stop.signum}: dropped unit {unit} of {name!r} "
                                      f"unmarked after {written} units; rerun to continue")
             dist.fault_point("before_write")
-            split.write_unit(unit, data, rank.rank)
+            split.write_data(unit, data)
+            dist.fault_point("before_marker")
+            split.mark(unit, data, rank.rank)
             written += 1
             samples += hi - lo
             bar.set_postfix(split=name, unit=unit)

@@ -233,16 +233,25 @@ class Split:
     def claims(self) -> np.ndarray:
         return self.group["claims"][:]
 
-    def write_unit(self, unit: int, data: UnitData, rank: int = 0) -> None:
-        """Write one unit's chunks, then its marker (last). Idempotent: same data, same chunks."""
+    def write_data(self, unit: int, data: UnitData) -> None:
+        """Write one unit's chunks (not yet trusted: ``mark`` must follow)."""
         lo, hi = self.unit_rows(unit)
         for r in self.readouts:
             assert data.features[r].shape == (hi - lo, self.dim), data.features[r].shape
             self.group["features"][r][lo:hi] = data.features[r]
         self.group["residual"][lo:hi] = data.residual
         self.group["rho"][lo:hi] = data.rho
+
+    def mark(self, unit: int, data: UnitData, rank: int = 0) -> None:
+        """Write the unit's completion marker: the last object of a unit, after its data."""
+        lo, hi = self.unit_rows(unit)
         marker = [1.0, hi - lo, time.time(), os.getpid(), rank] + _checksums(data, self.readouts)
         self.group["markers"][unit] = np.asarray(marker, dtype=np.float64)
+
+    def write_unit(self, unit: int, data: UnitData, rank: int = 0) -> None:
+        """Write one unit's chunks, then its marker. Idempotent: same data, same chunks."""
+        self.write_data(unit, data)
+        self.mark(unit, data, rank)
 
     def read_unit(self, unit: int, readouts=None, marker: np.ndarray | None = None) -> UnitData:
         """Read a marked unit and verify it against its marker's checksums.
