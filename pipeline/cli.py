@@ -26,7 +26,8 @@ def cmd_extract(args) -> int:
     summary = run_extract(_config(args.config), args.split or None,
                           show_progress=not args.quiet)
     print(f"extract: rank {summary['rank']}/{summary['world']} wrote {summary['units']} units "
-          f"({summary['samples']} samples) in {summary['seconds']:.1f} s -> {summary['store']}")
+          f"({summary['samples']} samples, {summary['attributed_params']} attributed parameters) "
+          f"in {summary['seconds']:.1f} s -> {summary['store']}")
     return 0
 
 

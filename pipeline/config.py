@@ -21,6 +21,8 @@ METHODS = ("trak", "dtrak", "das", "das_signed")
 METHOD_READOUT = {"trak": "loss", "dtrak": "square", "das": "mean", "das_signed": "mean"}
 PROJECTION_KINDS = ("rademacher", "gaussian")
 DTYPES = ("float32", "float64")
+AUTOCAST = ("none", "bf16")
+OPTIONAL_PATHS = {("store", "reports"), ("model", "lora")}
 
 
 class ConfigError(ValueError):
@@ -30,7 +32,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     path: Path = Path("base_model")
-    """A diffusers pipeline folder (DDPMPipeline layout: unet/ and scheduler/), safetensors only."""
+    """A diffusers pipeline folder, safetensors only: DDPMPipeline (unet/, scheduler/) or
+    StableDiffusionPipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/), told apart by
+    its model_index.json."""
+    lora: Path | None = None
+    """LoRA adapter weights for the UNet (a diffusers/peft `pytorch_lora_weights.safetensors` or
+    its folder). When set, only the LoRA parameters are attributed unless [features] params says
+    otherwise."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,18 @@ class DataConfig:
     follow in brackets, e.g. `digits[0:400]`; samples keep their original row index as uid."""
     queries: dict[str, str] = field(default_factory=dict)
     """Query sets by name, each in the same forms as `train`. Names become store groups."""
+    caption_column: str = "text"
+    """Caption column of an image folder's metadata.jsonl/.csv or of a `datasets` dataset
+    (text-conditioned models only)."""
+    image_column: str = "image"
+    """Image column of a Hugging Face `datasets` dataset saved with save_to_disk."""
+    id_column: str = ""
+    """Column holding stable sample ids (uids); empty: file name (folders) or row index."""
+    resize: bool = False
+    """Resize images (shorter side, bicubic) to the model's resolution. Never done silently:
+    without it, a size mismatch is an error."""
+    center_crop: bool = False
+    """After resizing, center-crop to the model's square resolution (needed for non-square images)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,14 @@ class FeaturesConfig:
     """Samples per vmapped gradient pass. Operational: does not change results."""
     items_per_pass: int = 0
     """(timestep, draw) pairs per pass per sample; 0 means all K*S at once. Operational."""
+    vmap_chunk_size: int = 0
+    """Per-sample gradients computed this many at a time inside a batch (torch.func.vmap
+    chunk_size); 0 = the whole batch. Bounds peak memory. Operational."""
+    params: tuple[str, ...] = ()
+    """Attributed parameters: fnmatch patterns on parameter names (e.g. `*attn2*`). Empty: all
+    UNet parameters, or the LoRA parameters when [model] lora is set. Only these get gradients."""
+    autocast: str = "none"
+    """Forward pass precision: none, or bf16 (autocast; gradients still accumulate in float32)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +185,7 @@ def _coerce(section: str, key: str, value: Any, default: Any, base: Path) -> Any
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _fail(section, key, value, "must be a list of strings")
         return tuple(value)
-    if isinstance(default, Path) or (section, key) == ("store", "reports"):
+    if isinstance(default, Path) or (section, key) in OPTIONAL_PATHS:
         if not isinstance(value, str):
             raise _fail(section, key, value, "must be a path string")
         path = Path(value).expanduser()
@@ -255,6 +283,14 @@ def validate(cfg: Config) -> None:
         raise _fail("features", "seed", f.seed, "must be >= 0")
     if f.dtype not in DTYPES:
         raise _fail("features", "dtype", f.dtype, f"choose one of {DTYPES}")
+    if f.autocast not in AUTOCAST:
+        raise _fail("features", "autocast", f.autocast, f"choose one of {AUTOCAST}")
+    if f.autocast != "none" and f.dtype != "float32":
+        raise _fail("features", "autocast", f.autocast, "needs dtype = \"float32\"")
+    if f.vmap_chunk_size < 0:
+        raise _fail("features", "vmap_chunk_size", f.vmap_chunk_size, "must be >= 0 (0 = whole batch)")
+    if cfg.data.center_crop and not cfg.data.resize:
+        raise _fail("data", "center_crop", True, "needs resize = true (crop follows the resize)")
     if p.dim < 1:
         raise _fail("projection", "dim", p.dim, "must be >= 1 (typical: 2048 to 32768)")
     if not 0 <= p.seed < 2**64:
@@ -301,5 +337,8 @@ def result_settings(cfg: Config) -> dict:
         "noise_rng": "torch.Generator(cpu).randn keyed by blake2b(seed|uid|t|draw)",
         "normalize": f.normalize,
         "dtype": f.dtype,
+        "autocast": f.autocast,
+        "params": list(f.params),
+        "transform": {"resize": cfg.data.resize, "center_crop": cfg.data.center_crop},
         "projection": {"kind": p.kind, "dim": p.dim, "seed": p.seed},
     }

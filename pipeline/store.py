@@ -10,6 +10,9 @@ Layout (DESIGN.md section 2)::
         markers       (U, 5 + R + 1)  one chunk per unit, written LAST: [done, rows, time, pid,
                                       rank, checksum per readout..., checksum of residual]
         claims        (U, 3)          one chunk per unit, written FIRST: [time, pid, rank]
+        cache/<name>  (N, ...)        text-conditioned models: VAE latents and caption
+                                      embeddings, encoded once per unit and reused on resume
+        cache/markers (U, 2)          [done, time] per unit, written after the cache chunks
       reduce/<readout>/ gram, eigvals, eigvecs
       scores/<query set>/<method>     (Q, N) scores
 
@@ -132,7 +135,8 @@ class Store:
 
     def create_split(self, name: str, *, source: str, digest: str, uids: list[str],
                      readouts: tuple[str, ...], dim: int, dtype: str, rows_per_unit: int,
-                     create: bool = True, wait_s: float = 600.0) -> Split:
+                     create: bool = True, wait_s: float = 600.0,
+                     cache_shapes: dict[str, tuple[int, ...]] | None = None) -> Split:
         """Create split ``name`` (rank 0) or wait for it; refuse one made from other data.
 
         Raises:
@@ -144,7 +148,7 @@ class Store:
                 _wait_for(ready, f"split {name!r}", wait_s)
             else:
                 return self._create_split(name, source, digest, uids, readouts, dim, dtype,
-                                          rows_per_unit)
+                                          rows_per_unit, cache_shapes or {})
         split = self.split(name)
         attrs = split.group.attrs.asdict()
         if attrs["dataset_digest"] != digest or attrs["num_samples"] != len(uids):
@@ -159,7 +163,8 @@ class Store:
                           f"was created with {attrs['rows_per_unit']}", stacklevel=2)
         return split
 
-    def _create_split(self, name, source, digest, uids, readouts, dim, dtype, rows_per_unit):
+    def _create_split(self, name, source, digest, uids, readouts, dim, dtype, rows_per_unit,
+                      cache_shapes):
         n = len(uids)
         num_units = -(-n // rows_per_unit)
         g = self.root.require_group(name)
@@ -178,6 +183,14 @@ class Store:
                            compressors=[Crc32cCodec()], fill_value=np.nan, overwrite=True)
         g.create_array("claims", shape=(num_units, 3), dtype="float64", chunks=(1, 3),
                        fill_value=0.0, overwrite=True)
+        if cache_shapes:
+            cache = g.require_group("cache")
+            for key, shape in cache_shapes.items():
+                cache.create_array(key, shape=(n, *shape), dtype="float32",
+                                   chunks=(rows_per_unit, *shape), compressors=[Crc32cCodec()],
+                                   fill_value=np.nan, overwrite=True)
+            cache.create_array("markers", shape=(num_units, 2), dtype="float64", chunks=(1, 2),
+                               fill_value=0.0, overwrite=True)
         # Created last: its metadata file is what other ranks wait for.
         g.create_array("markers", shape=(num_units, MARKER_FIXED + len(readouts) + 1),
                        dtype="float64", chunks=(1, MARKER_FIXED + len(readouts) + 1),
@@ -252,6 +265,25 @@ class Split:
         """Write one unit's chunks, then its marker. Idempotent: same data, same chunks."""
         self.write_data(unit, data)
         self.mark(unit, data, rank)
+
+    @property
+    def has_cache(self) -> bool:
+        return "cache" in self.group
+
+    def cache_done(self, unit: int) -> bool:
+        return bool(self.group["cache"]["markers"][unit, 0] == 1.0)
+
+    def write_cache(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write a unit's cached encodings, then the cache marker."""
+        lo, hi = self.unit_rows(unit)
+        for key, value in arrays.items():
+            self.group["cache"][key][lo:hi] = value
+        self.group["cache"]["markers"][unit] = [1.0, time.time()]
+
+    def read_cache(self, unit: int) -> dict[str, np.ndarray]:
+        lo, hi = self.unit_rows(unit)
+        cache = self.group["cache"]
+        return {key: cache[key][lo:hi] for key in cache.array_keys() if key != "markers"}
 
     def read_unit(self, unit: int, readouts=None, marker: np.ndarray | None = None) -> UnitData:
         """Read a marked unit and verify it against its marker's checksums.

@@ -66,6 +66,7 @@ def write_config(path: Path, model_dir: Path, **overrides) -> Path:
 
 def loop_gradients(unet, scheduler, x, uids, spec):
     """Per-sample features by a for-loop of backward(): (R, B, P) grads and (B,) residuals r."""
+    unet.requires_grad_(True)
     ts, draws = item_grid(spec, scheduler.config.num_train_timesteps)
     eps = keyed_noise(spec.seed, uids, ts, draws, tuple(x.shape[1:]))
     grads = torch.zeros(len(spec.readouts), len(uids), sum(p.numel() for p in unet.parameters()),

@@ -81,3 +81,15 @@ def test_timestep_grid_is_uniform_and_checked():
     assert timestep_grid(100, 3).tolist() == [0, 33, 66]
     with pytest.raises(ValueError, match="timesteps = 200"):
         timestep_grid(100, 200)
+
+
+def test_bf16_autocast_forward_is_close_and_gradients_stay_float32():
+    unet, scheduler = tiny_unet(8, 1, (8, 16), attention=True, seed=3).eval(), ddpm_scheduler(100)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    spec = FeatureSpec(("loss", "mean"), timesteps=2, noise_draws=1, seed=0)
+    full = per_sample_gradients(unet, scheduler, x, UIDS[:2], spec).grads_RBP
+    mixed = per_sample_gradients(unet, scheduler, x, UIDS[:2], spec, autocast=True,
+                                 vmap_chunk_size=1).grads_RBP
+    assert mixed.dtype == torch.float32
+    rel = ((mixed - full).norm() / full.norm()).item()
+    assert 0 < rel < 0.05, f"bf16 autocast relative difference {rel:.3f} (expected (0, 0.05))"
