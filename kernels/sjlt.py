@@ -254,7 +254,7 @@ def project_sjlt_cpu(x_BP: torch.Tensor, dim: int, seed: int, nonzeros: int = 4,
 
     threads = max(1, min(num_threads or torch.get_num_threads(), num_rows_B))
     bounds = [num_rows_B * i // threads for i in range(threads + 1)]
-    parts = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    parts = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
     if len(parts) == 1:
         codes = [run(parts[0])]
     else:
