@@ -44,7 +44,7 @@ def fingerprint(cfg: Config, model: DiffusionModel, train: Dataset) -> dict:
     """Result-affecting settings + model weights + training-set identity (DESIGN.md section 2)."""
     settings = result_settings(cfg)
     p = cfg.projection
-    settings["projection"] = projection_identity(p.kind, p.dim, p.seed)
+    settings["projection"] = projection_identity(p.kind, p.dim, p.seed, p.backend, p.sjlt_nonzeros)
     params = list(dict(model.unet.named_parameters()))
     return {"settings": settings,
             "model": {"digest": model.digest, "num_params": model.num_params(),
@@ -86,8 +86,9 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
                                      ds.uids[b_lo:b_hi], spec,
                                      items_per_pass=cfg.features.items_per_pass)
         R, B, P = batch.grads_RBP.shape
-        proj = project(batch.grads_RBP.view(R * B, P), cfg.projection.dim, cfg.projection.seed,
-                       cfg.projection.kind, backend=cfg.projection.backend).view(R, B, -1)
+        p = cfg.projection
+        proj = project(batch.grads_RBP.view(R * B, P), p.dim, p.seed, p.kind, backend=p.backend,
+                       sjlt_nonzeros=p.sjlt_nonzeros).view(R, B, -1)
         for i, r in enumerate(spec.readouts):
             feats[r].append(proj[i].cpu().numpy())
         residual.append(batch.residual_B.cpu().numpy())
