@@ -82,12 +82,12 @@ def project_fastjl(x_BP: torch.Tensor, dim: int, seed: int, kind: str = "rademac
         (B, dim) float32, scaled by 1/sqrt(dim).
     """
     check_settings(kind, dim, seed)
+    fast_jl = load()
     if row_offset:
         raise ValueError(f"backend='fastjl' cannot project a slice (row_offset={row_offset}): its matrix "
                          f"changes with chunking; project the whole vector or use backend='triton'")
     if x_BP.device.type != "cuda":
         raise ValueError(f"backend='fastjl' needs a CUDA tensor, got {x_BP.device}")
-    fast_jl = load()
     batch = x_BP.shape[0]
     width = 8 if batch <= 8 else 16 if batch <= 16 else 32
     fn = getattr(fast_jl, f"project_{'normal' if kind == 'gaussian' else 'rademacher'}_{width}")
