@@ -199,3 +199,25 @@ def test_fastjl_adapter_refuses_what_fastjl_gets_wrong(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             identity("rademacher", 512, 0, backend="fastjl")
+
+
+def _config(**projection):
+    from das_pipeline.config import from_dict
+
+    return from_dict({"model": {"path": "m"}, "store": {"path": "s.zarr"}, "projection": projection})
+
+
+def test_config_takes_sjlt_and_backends_and_fingerprints_the_projection():
+    from das_pipeline.config import ConfigError, result_settings
+
+    cfg = _config(kind="sjlt", dim=4096, sjlt_nonzeros=8, backend="triton")
+    assert result_settings(cfg)["projection"] == {"kind": "sjlt", "dim": 4096, "seed": 0, "nonzeros": 8}
+    dense = result_settings(_config(kind="rademacher", dim=4096, sjlt_nonzeros=8))["projection"]
+    assert "nonzeros" not in dense, "sjlt_nonzeros must not enter the fingerprint of dense kinds"
+    for bad, words in [(dict(kind="sjlt", dim=100, sjlt_nonzeros=3), ["sjlt_nonzeros", "divide dim = 100"]),
+                       (dict(backend="cuda"), ["backend", "fastjl"]),
+                       (dict(backend="fastjl", dim=1000), ["multiple of 512", "auto"])]:
+        with pytest.raises(ConfigError) as err:
+            _config(**bad)
+        for word in words:
+            assert word in str(err.value), f"config error {err.value!r} lacks {word!r}"
