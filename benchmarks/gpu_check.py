@@ -110,8 +110,9 @@ def main() -> int:
     save()
 
     # 2. tests
-    say(f"tests (pytest, at most {min(240, left() - 200):.0f} s):")
-    ok &= run_tests(max(60.0, min(240.0, left() - 200)))
+    budget = max(60.0, min(240.0, left() - 180))
+    say(f"tests (pytest, at most {budget:.0f} s):")
+    ok &= run_tests(budget)
     save()
 
     # 3. launch-setting sweep at the target shape
@@ -122,9 +123,10 @@ def main() -> int:
                cfg(block_k=128, block_p=32, block_b=64),
                cfg(block_k=128, block_p=64, block_b=64, num_warps=8)]
     best = []
-    if left() > 120:
+    if left() > 100:
         try:
-            best = projection.sweep(configs, budget_s=0.5, log=say)
+            best = projection.sweep(configs, budget_s=0.5, log=say,
+                                    deadline=time.monotonic() + min(90.0, left() - 90))
         except Exception as err:
             say(f"sweep: FAILED {type(err).__name__}: {err}")
     else:
@@ -145,6 +147,8 @@ def main() -> int:
     target = [r for r in rows if r.shape == (64, 10**7, 32768) and r.backend == "triton rademacher"
               and r.dtype == "bfloat16" and r.vs_matmul is not None]
     ratio = target[0].vs_matmul if target else None
+    if ratio is None:  # the table ran out of time: fall back on the sweep's default setting
+        ratio = next((r for r, c in best if c == configs[0]), None)
     if best:
         say(f"best launch setting at the target shape: {best[0][1]} -> {best[0][0]:.2f} x matmul")
     if ratio is None:

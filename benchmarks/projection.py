@@ -135,6 +135,8 @@ def shapes_for(device: str, quick: bool):
     batches = (16, 64, 256)
     if device == "cuda":
         grid = [(b, p, k) for p in (10**6, 10**7) for k in (4096, 32768) for b in batches]
+        target = (64, 10**7, 32768)  # the shape of the acceptance target goes first
+        grid = [target] + [shape for shape in grid if shape != target]
         return (grid[:4] if quick else grid), (grid[:4] if quick else grid)
     dense = [(b, 10**5, k) for k in (512, 4096) for b in batches]  # p / 10 .. / 100
     sparse = [(b, 10**6, k) for k in (4096, 32768) for b in batches]
@@ -277,8 +279,11 @@ def run(device: str, quick: bool = False, budget_s: float = 1.0, kinds_dense=("r
     return rows
 
 
-def sweep(configs, batch=64, num_cols=10**7, dim=32768, dtype=torch.bfloat16, budget_s=1.0, log=print):
-    """Time launch configurations of the dense Triton kernel at one shape, against the matmul."""
+def sweep(configs, batch=64, num_cols=10**7, dim=32768, dtype=torch.bfloat16, budget_s=1.0, log=print,
+          deadline: float = math.inf):
+    """Time launch configurations of the dense Triton kernel at one shape, against the matmul.
+
+    Returns [(ratio to the matmul, config)] best first; configs past ``deadline`` are skipped."""
     load_kernels()
     from das_pipeline.kernels import triton_jl
 
@@ -290,6 +295,9 @@ def sweep(configs, batch=64, num_cols=10**7, dim=32768, dtype=torch.bfloat16, bu
         f"({flops / t_mm / 1e12:.1f} TFLOP/s; {note})")
     results = []
     for cfg in configs:
+        if time.monotonic() > deadline:
+            log(f"  {cfg}: skipped (time budget)")
+            continue
         try:
             t = best_time(lambda cfg=cfg: triton_jl.project_triton(x, dim, 0, "rademacher", config=cfg),
                           "cuda", budget_s)

@@ -72,7 +72,10 @@ def _stack4(w0, w1, w2, w3, N: tl.constexpr, BLOCK_P: tl.constexpr):
     return tl.permute(tl.reshape(words, (N, BLOCK_P, 4)), (0, 2, 1))
 
 
-@triton.jit
+# Integer arguments that vary between calls are not specialised (one compile per tile config and
+# dtype, not per shape); the row stride and rows_per_split (a multiple of BLOCK_P) stay specialised
+# so that the compiler sees 16-aligned rows and vectorises the input loads.
+@triton.jit(do_not_specialize=["B", "P", "K", "row_offset", "seed_lo", "seed_hi"])
 def _dense_kernel(x_ptr, out_ptr, B, P, K, stride_xb, row_offset, seed_lo, seed_hi, rows_per_split,
                   scale, KIND: tl.constexpr, IN_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -150,7 +153,7 @@ def _dense_kernel(x_ptr, out_ptr, B, P, K, stride_xb, row_offset, seed_lo, seed_
     tl.store(out_ptrs, acc * scale, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "P", "row_offset", "q0", "num_words", "g0", "num_blocks", "width"])
 def _sjlt_kernel(x_ptr, out_ptr, words_ptr, shifts_ptr, B, P, stride_xb, row_offset, q0, num_words,
                  g0, num_blocks, width, scale, S: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_B: tl.constexpr):

@@ -119,7 +119,8 @@ CONFIGS = [
 def test_gpu_launch_settings_agree_with_reference(dtype):
     x = torch.randn(64, 100_003, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(dtype)
     want = project_reference(x.float(), 1024, SEED, "rademacher", 2**40)
-    for cfg in CONFIGS:
+    # every setting for bf16 (the production dtype), three for the others (compile time)
+    for cfg in CONFIGS if dtype == torch.bfloat16 else CONFIGS[:2] + CONFIGS[-1:]:
         got = triton_jl.project_triton(x, 1024, SEED, "rademacher", 2**40, config=cfg)
         err = rel_err(got, want)
         assert err <= 1e-5, f"{dtype} {cfg}: rel err {err:.1e} > 1e-5"
