@@ -5,9 +5,9 @@ computed with Philox4x32-10; kernels/README.md gives the exact formulas. Nothing
 device, the batch, or how the input vector is chunked: projecting ``x[:, lo:hi]`` with
 ``row_offset=lo`` and summing the pieces equals projecting ``x`` (to fp32 rounding).
 
-Memory: dense kinds generate P in row blocks of at most ``block_bytes`` and never hold it whole;
-Rademacher sign words of recently used blocks are kept within ``DEFAULT_CACHE_BYTES`` (the
-values are identical, only the Philox work is skipped). ``sjlt`` touches each input coordinate
+Memory: dense kinds generate P in row blocks of at most ``block_bytes`` and never hold it whole.
+Within ``DEFAULT_CACHE_BYTES`` recently used blocks (small calls) or Rademacher sign words are
+kept and reused; the values are identical, only the generation work is skipped. ``sjlt`` touches each input coordinate
 ``s`` times and needs O(k) extra memory.
 
 Legend: B batch rows, P input coordinates (rows of the matrix), K projection dimension,
@@ -287,15 +287,25 @@ def project_reference(x_BP: torch.Tensor, dim: int, seed: int, kind: str = "rade
     if kind == "rademacher":
         buffer = torch.empty(min(rows_per_block, num_rows) * (-(-dim // 128)) * 128,
                              dtype=torch.float32, device=x_BP.device)
-    # Cache only when every block of this call fits, so that a sweep never thrashes the LRU.
+    # Cache only when every block of this call fits, so that a sweep never thrashes the LRU: the
+    # expanded +-1 blocks when they take at most a quarter of the budget (small models: the
+    # projection becomes one matmul), else the packed words (1 bit per entry).
+    keep_blocks = cache and num_rows * dim * 4 <= _WORDS.budget // 4
     cache = cache and num_rows * (-(-dim // 128)) * 16 <= _WORDS.budget
     for start in range(0, num_rows, rows_per_block):
         stop = min(num_rows, start + rows_per_block)
-        if kind == "rademacher":
-            block_RK = rademacher_signs(row_offset + start, stop - start, dim, seed, x_BP.device,
-                                        out=buffer, cache=cache)
-        else:
-            block_RK = matrix_block(kind, row_offset + start, stop - start, dim, seed, x_BP.device)
+        key = (kind, seed, row_offset + start, stop - start, dim, x_BP.device)
+        block_RK = _WORDS.get(key) if keep_blocks else None
+        if block_RK is None:
+            if kind == "rademacher":
+                block_RK = rademacher_signs(row_offset + start, stop - start, dim, seed, x_BP.device,
+                                            out=None if keep_blocks else buffer,
+                                            cache=cache and not keep_blocks)
+            else:
+                block_RK = matrix_block(kind, row_offset + start, stop - start, dim, seed, x_BP.device)
+            if keep_blocks:
+                block_RK = block_RK.contiguous()
+                _WORDS.put(key, block_RK)
         out_BK.addmm_(x_BP[:, start:stop].to(out_dtype), block_RK.to(out_dtype))
     return out_BK.mul_(1.0 / math.sqrt(dim))
 
