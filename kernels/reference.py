@@ -7,8 +7,8 @@ device, the batch, or how the input vector is chunked: projecting ``x[:, lo:hi]`
 
 Memory: dense kinds generate P in row blocks of at most ``block_bytes`` and never hold it whole.
 Within ``DEFAULT_CACHE_BYTES`` recently used blocks (small calls) or Rademacher sign words are
-kept and reused; the values are identical, only the generation work is skipped. ``sjlt`` touches each input coordinate
-``s`` times and needs O(k) extra memory.
+kept and reused; the values are identical, only the generation work is skipped. ``sjlt``
+touches each input coordinate ``s`` times and needs O(k) extra memory.
 
 Legend: B batch rows, P input coordinates (rows of the matrix), K projection dimension,
 S sjlt non-zeros per coordinate, M = K / S slice width, G blocks of M coordinates.

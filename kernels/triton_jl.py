@@ -99,8 +99,8 @@ def _dense_kernel(x_ptr, out_ptr, B, P, K, stride_xb, row_offset, seed_lo, seed_
     else:
         NG: tl.constexpr = BLOCK_K // 4
         col_group = (k_start // 4 + tl.arange(0, NG)).to(tl.uint32)
-    for it in range(0, num_iters):
-        offs_p = p_lo + it * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    offs_p = p_lo + tl.arange(0, BLOCK_P).to(tl.int64)  # int64: a split may pass 2**31 rows
+    for _ in range(0, num_iters):
         x_mask = (offs_p < p_hi)[:, None] & mask_b[None, :]
         x_t = tl.load(row_ptr + offs_p[:, None], mask=x_mask, other=0.0)  # [BLOCK_P, BLOCK_B]
         a = offs_p + row_offset
@@ -146,6 +146,7 @@ def _dense_kernel(x_ptr, out_ptr, B, P, K, stride_xb, row_offset, seed_lo, seed_
                 acc = tl.dot(values, x_t.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(values, x_t.to(tl.float32), acc, input_precision="tf32x3")
+        offs_p += BLOCK_P
     offs_k = k_start + tl.arange(0, BLOCK_K)
     out_mask = (offs_k < K)[:, None] & mask_b[None, :]
     out_ptrs = (out_ptr + pid_s.to(tl.int64) * B * K + offs_b.to(tl.int64)[None, :] * K
