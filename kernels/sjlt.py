@@ -208,6 +208,7 @@ def tables(seed: int, nonzeros: int, width: int, row_offset: int, num_rows: int)
 
 
 _TABLES: dict[tuple, tuple] = {}
+CHUNK_COORDS = 2**22  # sign words and rotations are built per chunk: 0.5 byte per coordinate at s=4
 
 
 def project_sjlt_cpu(x_BP: torch.Tensor, dim: int, seed: int, nonzeros: int = 4, row_offset: int = 0,
@@ -238,27 +239,36 @@ def project_sjlt_cpu(x_BP: torch.Tensor, dim: int, seed: int, nonzeros: int = 4,
     out_BK = torch.zeros(num_rows_B, dim, dtype=torch.float32)
     if num_cols == 0 or num_rows_B == 0:
         return out_BK
-    key = (seed, nonzeros, width, row_offset, num_cols)
-    if key not in _TABLES:
-        if len(_TABLES) >= 8:
-            _TABLES.pop(next(iter(_TABLES)))
-        _TABLES[key] = tables(seed, nonzeros, width, row_offset, num_cols)
-    words_SQ, shifts_GS, q0, g0 = _TABLES[key]
     dtype_code = 0 if x_BP.dtype == torch.float32 else 1
-
-    def run(rows: tuple[int, int]) -> int:
-        lo, hi = rows
-        return _LIB.das_sjlt_rows(x_BP[lo].data_ptr(), dtype_code, hi - lo, num_cols, x_BP.stride(0),
-                                  out_BK[lo].data_ptr(), dim, nonzeros, width, row_offset,
-                                  words_SQ.data_ptr(), q0, words_SQ.shape[1], shifts_GS.data_ptr(), g0)
-
     threads = max(1, min(num_threads or torch.get_num_threads(), num_rows_B))
     bounds = [num_rows_B * i // threads for i in range(threads + 1)]
     parts = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
-    if len(parts) == 1:
-        codes = [run(parts[0])]
-    else:
-        with ThreadPoolExecutor(len(parts)) as pool:  # ctypes releases the GIL during the call
-            codes = list(pool.map(run, parts))
-    assert not any(codes), codes
+    pool = ThreadPoolExecutor(len(parts)) if len(parts) > 1 else None  # ctypes releases the GIL
+    # Chunks end on block boundaries, so each output still receives its adds in block order.
+    step = max(width, CHUNK_COORDS // width * width)
+    end = row_offset + num_cols
+    cuts = [row_offset, *range((row_offset // step + 1) * step, end, step), end]
+    try:
+        for a0, a1 in zip(cuts[:-1], cuts[1:], strict=True):
+            key = (seed, nonzeros, width, a0, a1 - a0)
+            tables_ = _TABLES.get(key) or tables(seed, nonzeros, width, a0, a1 - a0)
+            if len(cuts) == 2:  # a single chunk: keep its tables for the next call on these rows
+                if len(_TABLES) >= 8:
+                    _TABLES.pop(next(iter(_TABLES)))
+                _TABLES[key] = tables_
+            words_SQ, shifts_GS, q0, g0 = tables_
+
+            def run(rows: tuple[int, int], a0=a0, a1=a1, words_SQ=words_SQ, shifts_GS=shifts_GS, q0=q0,
+                    g0=g0) -> int:
+                lo, hi = rows
+                return _LIB.das_sjlt_rows(x_BP[lo, a0 - row_offset:].data_ptr(), dtype_code, hi - lo,
+                                          a1 - a0, x_BP.stride(0), out_BK[lo].data_ptr(), dim, nonzeros,
+                                          width, a0, words_SQ.data_ptr(), q0, words_SQ.shape[1],
+                                          shifts_GS.data_ptr(), g0)
+
+            codes = list(pool.map(run, parts)) if pool else [run(parts[0])]
+            assert not any(codes), codes
+    finally:
+        if pool:
+            pool.shutdown()
     return out_BK.mul_(1.0 / math.sqrt(nonzeros))
