@@ -99,7 +99,7 @@ def paired_best_times(fns: dict, device: str, budget_s: float) -> dict:
         fn()
         sync(device)
         first[name] = time.perf_counter() - start
-    reps = max(3, min(10, int(budget_s / max(sum(first.values()), 1e-6))))
+    reps = max(2, min(10, int(budget_s / max(sum(first.values()), 1e-6))))
     best = dict.fromkeys(fns, math.inf)
     for _ in range(reps):
         for name, fn in fns.items():
@@ -138,7 +138,7 @@ def shapes_for(device: str, quick: bool):
         target = (64, 10**7, 32768)  # the shape of the acceptance target goes first
         grid = [target] + [shape for shape in grid if shape != target]
         return (grid[:4] if quick else grid), (grid[:4] if quick else grid)
-    dense = [(b, 10**5, k) for k in (512, 4096) for b in batches]  # p / 10 .. / 100
+    dense = [(b, 5 * 10**4, k) for k in (512, 4096) for b in batches]  # p / 20 .. / 200
     sparse = [(b, 10**6, k) for k in (4096, 32768) for b in batches]
     return (dense[:2] if quick else dense), (sparse[:2] if quick else sparse)
 
