@@ -54,22 +54,29 @@ def run_tests(timeout_s: float) -> bool:
     """pytest in a subprocess (killed at the timeout) with the kernels mapped from this checkout."""
     files = ["tests/test_philox.py", "tests/test_kernels.py", "tests/test_kernels_sjlt.py",
              "tests/test_kernels_triton.py"]
-    args = ["-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider", *files]
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from projection import load_kernels; "
-            f"load_kernels(); import pytest; sys.exit(pytest.main({args!r}))")
+    args = ["-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider", *files]
+    code = (f"import sys, importlib.util; sys.path.insert(0, {str(HERE)!r}); "
+            f"from projection import load_kernels; load_kernels(); import pytest; args = {args!r}; "
+            f"args += ['--timeout=120'] if importlib.util.find_spec('pytest_timeout') else []; "
+            f"sys.exit(pytest.main(args))")
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
-        tail = (err.stdout or b"")[-3000:]
-        tail = tail if isinstance(tail, str) else tail.decode(errors="replace")
-        say(f"tests: TIMED OUT after {timeout_s:.0f} s; last output:\n{tail}")
+        out = err.stdout or b""
+        out = out if isinstance(out, str) else out.decode(errors="replace")
+        failures = [line for line in out.splitlines() if " FAILED" in line or " ERROR" in line]
+        say(f"tests: TIMED OUT after {timeout_s:.0f} s; "
+            f"{sum(' PASSED' in line for line in out.splitlines())} passed so far; failures so far:")
+        for line in failures[:40] + ["last lines:"] + out.splitlines()[-15:]:
+            say("  " + line)
         return False
     except FileNotFoundError as err:
         say(f"tests: could not start python: {err}")
         return False
     output = (proc.stdout + proc.stderr).strip().splitlines()
-    for line in output[-40:]:
+    failures = [line for line in output if " FAILED" in line or " ERROR" in line][:40]
+    for line in failures + ["..."] + output[-25:]:
         say("  " + line)
     if proc.returncode == 5 or "No module named pytest" in proc.stderr:
         say("tests: pytest missing; running the smoke test only")
