@@ -354,8 +354,9 @@ def main(argv=None) -> int:
         print(format_row(r))
     sparse = [r for r in rows if r.vs_copy is not None and r.backend in ("sjlt C kernel", "triton sjlt")]
     for dtype in sorted({r.dtype for r in sparse}):
-        worst = min((r for r in sparse if r.dtype == dtype), key=lambda r: r.vs_copy)
-        print(f"sparse JL vs copy of its input, {dtype}: min {worst.vs_copy:.2f} over {len(sparse)} shapes "
+        of_dtype = [r for r in sparse if r.dtype == dtype]
+        worst = min(of_dtype, key=lambda r: r.vs_copy)
+        print(f"sparse JL vs copy of its input, {dtype}: min {worst.vs_copy:.2f} over {len(of_dtype)} shapes "
               f"(at B={worst.shape[0]} p={worst.shape[1]:.0e} k={worst.shape[2]}); target >= 0.5")
     return 0
 
