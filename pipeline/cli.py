@@ -127,6 +127,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .kernels.doctor import report
+
+    lines, ok = report(quick=args.quick)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="das", description=(
         "Training-data attribution for diffusion models: DAS, D-TRAK and TRAK on a zarr store."))
@@ -157,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "train a tiny DDPM on digits (cached), attribute generated images, "
             "write a picture", config=False)
     p.add_argument("--out", default="das-demo", help="output folder (default ./das-demo)")
+    p = add("doctor", cmd_doctor, "which projection backends work on this machine (CUDA, Triton, "
+            "sjlt CPU kernel, fast-jl), each self-tested against the reference", config=False)
+    p.add_argument("--quick", action="store_true", help="report availability only, no self-tests")
     return parser
 
 

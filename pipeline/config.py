@@ -19,7 +19,8 @@ import tomllib
 READOUTS = ("loss", "square", "mean")
 METHODS = ("trak", "dtrak", "das", "das_signed")
 METHOD_READOUT = {"trak": "loss", "dtrak": "square", "das": "mean", "das_signed": "mean"}
-PROJECTION_KINDS = ("rademacher", "gaussian")
+PROJECTION_KINDS = ("rademacher", "gaussian", "sjlt")
+PROJECTION_BACKENDS = ("auto", "reference", "triton", "fastjl")
 DTYPES = ("float32", "float64")
 AUTOCAST = ("none", "bf16")
 OPTIONAL_PATHS = {("store", "reports"), ("model", "lora")}
@@ -98,9 +99,14 @@ class ProjectionConfig:
     seed: int = 0
     """Seed of the projection matrix (kernels/README.md)."""
     kind: str = "rademacher"
-    """Matrix entries: rademacher (+-1/sqrt(k)) or gaussian (N(0,1)/sqrt(k))."""
+    """Matrix entries: rademacher (+-1/sqrt(k)), gaussian (N(0,1)/sqrt(k)) or sjlt (sparse JL:
+    sjlt_nonzeros entries +-1/sqrt(s) per parameter; kernels/README.md)."""
+    sjlt_nonzeros: int = 4
+    """s, non-zeros per parameter of the sjlt matrix (must divide dim). Used only by kind = sjlt."""
     backend: str = "auto"
-    """Which implementation applies the matrix: auto or reference. Operational (same matrix)."""
+    """Which implementation applies the matrix: auto (Triton on CUDA, reference or the compiled
+    sparse kernel on CPU), reference, triton, or fastjl (TRAK's kernel: a different, GPU-dependent
+    matrix recorded as such in the fingerprint). The others are operational (same matrix)."""
 
 
 @dataclass(frozen=True)
@@ -297,8 +303,15 @@ def validate(cfg: Config) -> None:
         raise _fail("projection", "seed", p.seed, "must be in [0, 2**64)")
     if p.kind not in PROJECTION_KINDS:
         raise _fail("projection", "kind", p.kind, f"choose one of {PROJECTION_KINDS}")
-    if p.backend not in ("auto", "reference"):
-        raise _fail("projection", "backend", p.backend, "choose auto or reference")
+    if p.backend not in PROJECTION_BACKENDS:
+        raise _fail("projection", "backend", p.backend, f"choose one of {PROJECTION_BACKENDS}")
+    if p.kind == "sjlt" and (p.sjlt_nonzeros < 1 or p.dim % p.sjlt_nonzeros):
+        raise _fail("projection", "sjlt_nonzeros", p.sjlt_nonzeros,
+                    f"must be >= 1 and divide dim = {p.dim} (typical: 4)")
+    if p.backend == "fastjl" and (p.dim % 512 or p.kind == "sjlt"):
+        raise _fail("projection", "backend", p.backend,
+                    f"fast-jl needs kind rademacher or gaussian and dim a multiple of 512 (kind = "
+                    f"{p.kind!r}, dim = {p.dim}); use backend = \"auto\"")
     if st.rows_per_unit < 1:
         raise _fail("store", "rows_per_unit", st.rows_per_unit, "must be >= 1 (typical: 64)")
     if not s.methods:
@@ -340,5 +353,6 @@ def result_settings(cfg: Config) -> dict:
         "autocast": f.autocast,
         "params": list(f.params),
         "transform": {"resize": cfg.data.resize, "center_crop": cfg.data.center_crop},
-        "projection": {"kind": p.kind, "dim": p.dim, "seed": p.seed},
+        "projection": {"kind": p.kind, "dim": p.dim, "seed": p.seed,
+                       **({"nonzeros": p.sjlt_nonzeros} if p.kind == "sjlt" else {})},
     }

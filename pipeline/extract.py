@@ -47,7 +47,7 @@ def fingerprint(cfg: Config, model: DiffusionModel, train: Dataset, param_names:
     """Result-affecting settings + model weights + training-set identity (DESIGN.md section 2)."""
     settings = result_settings(cfg)
     p = cfg.projection
-    settings["projection"] = projection_identity(p.kind, p.dim, p.seed)
+    settings["projection"] = projection_identity(p.kind, p.dim, p.seed, p.backend, p.sjlt_nonzeros)
     shapes = dict(model.unet.named_parameters())
     selection = hashlib.sha256("\n".join(param_names).encode()).hexdigest()
     return {"settings": settings,
@@ -135,8 +135,9 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
             cond_BLD=cond, vmap_chunk_size=cfg.features.vmap_chunk_size,
             autocast=cfg.features.autocast == "bf16"), cfg)
         R, B, P = batch.grads_RBP.shape
-        proj = project(batch.grads_RBP.view(R * B, P), cfg.projection.dim, cfg.projection.seed,
-                       cfg.projection.kind, backend=cfg.projection.backend).view(R, B, -1)
+        p = cfg.projection
+        proj = project(batch.grads_RBP.view(R * B, P), p.dim, p.seed, p.kind, backend=p.backend,
+                       sjlt_nonzeros=p.sjlt_nonzeros).view(R, B, -1)
         for i, r in enumerate(spec.readouts):
             feats[r].append(proj[i].cpu().numpy())
         residual.append(batch.residual_B.cpu().numpy())
