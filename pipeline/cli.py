@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "train a tiny DDPM on digits (cached), attribute generated images, "
             "write a picture", config=False)
     p.add_argument("--out", default="das-demo", help="output folder (default ./das-demo)")
+    from .lds_cli import register_lds
+
+    register_lds(sub)
     return parser
 
 

@@ -21,6 +21,7 @@ METHODS = ("trak", "dtrak", "das", "das_signed")
 METHOD_READOUT = {"trak": "loss", "dtrak": "square", "das": "mean", "das_signed": "mean"}
 PROJECTION_KINDS = ("rademacher", "gaussian")
 DTYPES = ("float32", "float64")
+RESIDUALS = ("r", "rho")
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,8 @@ class ScoreConfig:
     """Read `damping` as the absolute lambda added to the Gram's diagonal."""
     gamma: float = 1.0
     """Exponent of the leave-one-out correction (1 - h_i)^gamma in das; 0 gives the official code's form."""
+    residual: str = "r"
+    """Residual weight of das: r (RMS loss, sqrt(mean loss)) or rho (signed mean residual)."""
     topk: int = 10
     """Top proponents per query written to the CSV reports."""
 
@@ -277,6 +280,8 @@ def validate(cfg: Config) -> None:
                         f"[features] readouts")
     if not s.damping > 0:
         raise _fail("score", "damping", s.damping, "must be > 0 (relative default 0.01)")
+    if s.residual not in RESIDUALS:
+        raise _fail("score", "residual", s.residual, f"choose one of {RESIDUALS}")
     if s.topk < 1:
         raise _fail("score", "topk", s.topk, "must be >= 1")
     for name in cfg.data.queries:
