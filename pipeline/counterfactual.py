@@ -6,6 +6,7 @@ For a generated query q (made from keyed noise with seed s_q by the base model):
     2. retrain the built-in recipe with the base model's seed on the remaining rows;
     3. regenerate from the same keyed noise s_q and report the pixel L2 to the base model's image
        and the change of q's loss readout (truth-style: fixed keyed (t, eps) items).
+Each retraining is cached in <out>/cache by a hash of its inputs, so reruns are resumable.
 A method whose proponents matter should move the image and the loss more than random removal.
 
 Generated query sets carry ``generation.json`` beside their PNGs: {"seeds": [s_q, ...],
@@ -16,6 +17,7 @@ Legend: Q queries, C channels, H x W pixels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -69,16 +71,27 @@ def read_generation(source: str) -> dict:
 
 
 def _retrain_and_regenerate(train_source: str, keep_rows: list[int], recipe: dict, seed: int,
-                            sample_seed: int, steps: int, xt, ts, eps) -> tuple[np.ndarray, float]:
+                            sample_seed: int, steps: int, xt, ts, eps, cache: Path
+                            ) -> tuple[np.ndarray, float]:
+    """Retrain without the removed rows, regenerate, and measure; cached by all its inputs."""
     from .data import open_dataset
     from .lds_train import model_output, train_recipe
 
+    key = hashlib.sha256(json.dumps([train_source, keep_rows, recipe, seed, sample_seed, steps])
+                         .encode() + xt.numpy().tobytes() + eps.numpy().tobytes()).hexdigest()[:24]
+    path = cache / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["image"], float(z["loss"])
     torch.set_num_threads(1)
     train = open_dataset("train", train_source)
     images = train.load(0, len(train))[torch.as_tensor(keep_rows)]
     unet, scheduler, _ = train_recipe(recipe, images, seed)
     image = sample_keyed(unet, scheduler, [sample_seed], steps)[0].numpy()
-    return image, float(model_output(unet, xt, ts, eps)[0])
+    loss = float(model_output(unet, xt, ts, eps)[0])
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, image=image, loss=loss)
+    return image, loss
 
 
 def run_counterfactual(cfg, query_set: str, rows: list[int], methods: list[str], fraction: float,
@@ -116,7 +129,7 @@ def run_counterfactual(cfg, query_set: str, rows: list[int], methods: list[str],
         for name, removed in removals.items():
             keep = np.setdiff1d(np.arange(N), removed).tolist()
             jobs_args.append((cfg.data.train, keep, recipe, int(recipe.get("seed", 0)), s_q, steps,
-                              xt, ts, eps))
+                              xt, ts, eps, out / "cache"))
             keys.append((q, name))
     started = time.perf_counter()
     if jobs <= 1:

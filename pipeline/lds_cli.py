@@ -116,7 +116,7 @@ def cmd_eval(args) -> int:
                 Variant(v.method) if v.method in ("trak", "dtrak") else v for v in variants))
         res = eval_sweep(store, name, variants, mask, F, uids, args.k, args.grid or DEFAULT_GRID)
         report[name] = res
-        for k, per in res["by_k"].items():
+        for k, per in ({} if args.quiet else res["by_k"]).items():
             for v, r in per.items():
                 s = r["report"]
                 print(f"lds {name} k={k} {v:<20} c={r['chosen']:.2g} (chosen on "
