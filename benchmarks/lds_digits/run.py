@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {
     "train": "digits[0:300]", "val": "digits[1500:1564]", "num_generated": 64, "gen_seed": 1000,
-    "recipe": {"widths": [8, 16], "attention": True, "num_train_timesteps": 1000, "steps": 300,
+    "recipe": {"widths": [8, 16], "attention": False, "num_train_timesteps": 1000, "steps": 200,
                "batch_size": 64, "lr": 3e-3, "seed": 0},
     "sample_steps": 250, "num_subsets": 64, "truth_timesteps": 100,
     "timesteps": [10, 50], "dims": [512, 2048, 8192], "batch_size": 64, "rows_per_unit": 64,
