@@ -109,11 +109,9 @@ def cmd_eval(args) -> int:
             continue
         variants = None
         if args.method:
-            variants = [Variant(m, g, r) for m in args.method for g in args.gamma
-                        for r in args.residual] if any(m.startswith("das") for m in args.method) else [
-                Variant(m) for m in args.method]
-            variants = list(dict.fromkeys(
-                Variant(v.method) if v.method in ("trak", "dtrak") else v for v in variants))
+            variants = [v for m in args.method for v in (
+                [Variant(m)] if m in ("trak", "dtrak") else
+                [Variant(m, g, r) for g in args.gamma for r in args.residual])]
         res = eval_sweep(store, name, variants, mask, F, uids, args.k, args.grid or DEFAULT_GRID)
         report[name] = res
         for k, per in ({} if args.quiet else res["by_k"]).items():

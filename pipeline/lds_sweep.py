@@ -213,8 +213,8 @@ def subsets_for_truth(mask_MN: np.ndarray, truth_subsets_M: np.ndarray) -> np.nd
 
 
 def eval_stored_scores(store: Store, query_set: str, methods, mask_MN, F_MQ, truth_uids,
-                       train_uids: list[str]) -> dict[str, dict]:
-    """LDS summary and per-query values of each stored method's scores."""
+                       train_uids: list[str], column_block: int = 65536) -> dict[str, dict]:
+    """LDS summary and per-query values of each stored method's scores, read in column blocks."""
     if "scores" not in store.root or query_set not in store.root["scores"]:
         raise LdsError(f"store {store.path} has no scores for query set {query_set!r}; run "
                        f"`das score CONFIG` (or write scores/{query_set}/<method> (Q, N))")
@@ -229,12 +229,16 @@ def eval_stored_scores(store: Store, query_set: str, methods, mask_MN, F_MQ, tru
         if m not in group:
             raise LdsError(f"store {store.path} has no scores for method {m!r} of {query_set!r} "
                            f"(it has {sorted(group.array_keys())}); score it or drop it")
-        scores = group[m][...]
+        scores = group[m]
         F = match_queries(truth_uids, split_uids, F_MQ, scores.shape[0], f"query set {query_set!r}")
         if scores.shape[1] != mask_MN.shape[1]:
             raise LdsError(f"scores/{query_set}/{m} has {scores.shape[1]} training columns but the "
                            f"subsets cover {mask_MN.shape[1]} rows; use matching subsets")
-        lds_Q = lds_from_predictions(subset_predictions(scores, mask_MN), F)
+        pred_QM = np.zeros((scores.shape[0], mask_MN.shape[0]))
+        for lo in range(0, scores.shape[1], column_block):  # never holds Q x N
+            hi = min(scores.shape[1], lo + column_block)
+            pred_QM += subset_predictions(scores[:, lo:hi], mask_MN[:, lo:hi])
+        lds_Q = lds_from_predictions(pred_QM, F)
         out[m] = {"summary": summarize(lds_Q).as_dict(), "per_query": lds_Q.tolist()}
     return out
 

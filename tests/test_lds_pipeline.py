@@ -21,6 +21,21 @@ from das_pipeline.store import Store
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_stored_scores_are_read_in_column_blocks(tmp_path):
+    import zarr
+    from das_pipeline.lds_sweep import eval_stored_scores
+
+    rng = np.random.default_rng(2)
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    root.require_group("scores").require_group("val").create_array(
+        "trak", shape=(5, 23), dtype="float64")[...] = rng.standard_normal((5, 23))
+    mask, F = rng.random((9, 23)) < 0.5, rng.standard_normal((9, 5))
+    store = Store.open_existing(tmp_path / "s.zarr")
+    whole = eval_stored_scores(store, "val", None, mask, F, None, [], column_block=10**6)
+    blocks = eval_stored_scores(store, "val", None, mask, F, None, [], column_block=7)
+    np.testing.assert_allclose(blocks["trak"]["per_query"], whole["trak"]["per_query"], atol=1e-12)
+
+
 def test_dual_factor_scores_and_leverage_equal_the_full_factor():
     rng = np.random.default_rng(0)
     train, query = rng.standard_normal((12, 40)), rng.standard_normal((5, 40))
@@ -72,6 +87,20 @@ def test_truncated_features_equal_a_smaller_projection(make_config, tmp_path):
     b = read_split(Store.open_existing(small.store.path), "train", ("mean",))
     np.testing.assert_allclose(a[0]["mean"], b[0]["mean"], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(a[1], b[1])
+    # `das lds eval --sweep` on that store, at a truncated k, for the requested variants.
+    from das_pipeline.cli import main
+
+    mask = make_subsets(20, 8, 0.5, seed=0)
+    save_subsets(tmp_path / "s.npz", mask, np.zeros(8, np.int64), [str(i) for i in range(20)], 0.5, 0)
+    np.savez(tmp_path / "val.npz", F=np.random.default_rng(0).standard_normal((8, 6)),
+             query_uids=np.array([str(i) for i in range(100, 106)]))
+    assert main(["lds", "eval", str(tmp_path / "big.toml"), "--subsets", str(tmp_path / "s.npz"),
+                 "--truth", str(tmp_path / "val.npz"), "--sweep", "--method", "trak", "--method", "das",
+                 "--k", "16", "--grid", "0.01", "1", "--json", str(tmp_path / "r.json"), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())["val"]
+    assert set(rep["by_k"]["16"]) == {"trak", "das g1 r", "das g1 rho", "das g0 r", "das g0 rho"}
+    assert (len(rep["select"]), len(rep["report"])) == (3, 3)
+    assert rep["by_k"]["16"]["trak"]["chosen"] in (0.01, 1.0)
 
 
 def test_rho_residual_scores_are_r_scores_rescaled(make_config, tmp_path):
