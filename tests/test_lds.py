@@ -167,3 +167,16 @@ def test_cli_eval_refuses_mismatched_subsets(tmp_path, capsys):
     assert main(["lds", "eval", str(tmp_path / "store.zarr"), "--subsets", str(tmp_path / "subsets.npz"),
                  "--truth", str(tmp_path / "val.npz")]) == 2
     assert "10 training columns but the subsets cover 12 rows" in capsys.readouterr().err
+
+
+def test_cli_subsets_stratified_by_digit_labels(make_config, tmp_path):
+    from das_pipeline.data import digits_labels
+
+    out = tmp_path / "s.npz"
+    assert main(["lds", "subsets", str(make_config()), "--num", "4", "--labels", "digits",
+                 "--seed-per-subset", "--train-seed", "10", "--out", str(out)]) == 0
+    s = load_subsets(out)
+    labels = digits_labels()[:40]
+    assert s.mask_MN.shape == (4, 40) and s.seeds_M.tolist() == [10, 11, 12, 13]
+    for c in np.unique(labels):
+        assert (s.mask_MN[:, labels == c].sum(1) == round(0.5 * (labels == c).sum())).all()
