@@ -265,8 +265,12 @@ def main(argv=None) -> int:
     print(md)
     print("stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     if args.readme:
+        import shutil
+
         from report import update_readme
 
+        shutil.copyfile(out / "lds.png", HERE / "lds.png")
+        shutil.copyfile(out / "counterfactual" / "picture.png", HERE / "counterfactual.png")
         update_readme(HERE / "README.md", results, md, s)
     return 0
 
