@@ -34,7 +34,7 @@ from .reduce import Factor, factor, gram, load_factor
 from .score import LEVERAGE_FLOOR
 from .store import Store, StoreError
 
-DEFAULT_GRID = tuple(float(c) for c in np.logspace(-5, 2, 15))
+DEFAULT_GRID = tuple(float(c) for c in np.logspace(-5, 4, 19))
 
 
 @dataclass(frozen=True)
