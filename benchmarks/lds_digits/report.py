@@ -31,6 +31,9 @@ def results_markdown(results: dict, table_md: str, s: dict) -> str:
         lines.append(f"| {label} | {v['l2']:.3f} | {v['loss_change']:+.4f} |")
     lines += ["", "### Stage wall times (2 shared CPU cores)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in t.items()]
+    lines += ["", "Stages that a rerun found finished report the time measured when they ran; the "
+              "total is the sum of the stages. The machine's two cores were shared with two other "
+              "engineers' jobs throughout (load average about 6), so these are pessimistic."]
     return "\n".join(lines)
 
 

@@ -96,6 +96,20 @@ def write_config(out: Path, s: dict, K: int, normalize: bool, damping=0.01, gamm
     return path
 
 
+def store_complete(cfg_path: Path) -> bool:
+    """True when every split of the config's store is fully extracted (extract would do nothing)."""
+    from das_pipeline.config import load_config
+    from das_pipeline.store import Store, StoreError
+
+    cfg = load_config(cfg_path)
+    try:
+        store = Store.open_existing(cfg.store.path)
+        return all(len(store.split(n).done_units()) == store.split(n).num_units
+                   for n in ("train", *cfg.data.queries))
+    except StoreError:
+        return False
+
+
 def train_base(out: Path, s: dict) -> None:
     from das_pipeline.data import open_dataset
     from das_pipeline.lds_train import RECIPE_FILE, train_recipe
@@ -204,36 +218,54 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     times: dict[str, float] = {}
+    # A rerun reuses finished stages; their wall time is the one measured when they ran.
+    previous = out / "results.json"
+    prev_times = json.loads(previous.read_text()).get("times", {}) if previous.is_file() else {}
+    reused: list[str] = []
     t0 = time.perf_counter()
 
-    def stage(name, fn, *a):
+    def stage(name, fn, *a, reuse=False):
         started = time.perf_counter()
-        result = fn(*a)
-        times[name] = times.get(name, 0.0) + time.perf_counter() - started
-        print(f"[{time.perf_counter() - t0:7.1f} s] {name}: {time.perf_counter() - started:.1f} s",
+        result = fn(*a) if fn else None
+        took = time.perf_counter() - started
+        if reuse and name in prev_times:
+            times[name] = prev_times[name]
+            reused.append(name)
+        else:
+            times[name] = times.get(name, 0.0) + took
+        print(f"[{time.perf_counter() - t0:7.1f} s] {name}: {took:.1f} s{' (reused)' if reuse else ''}",
               flush=True)
         return result
 
     q = ["--quiet"]
-    stage("train base model", train_base, out, s)
+    stamp = out / "base_model" / "das_recipe.json"
+    stage("train base model", train_base, out, s,
+          reuse=stamp.is_file() and json.loads(stamp.read_text()) == s["recipe"])
     seeds = list(range(s["gen_seed"], s["gen_seed"] + s["num_generated"]))
-    if not (out / "gen_png" / "generation.json").is_file():
-        stage("generate queries", generate_queries, out / "base_model", out / "gen_png", seeds,
-              s["sample_steps"])
+    done = (out / "gen_png" / "generation.json").is_file()
+    stage("generate queries", None if done else generate_queries, out / "base_model", out / "gen_png",
+          seeds, s["sample_steps"], reuse=done)
     base_cfg = write_config(out, s, s["timesteps"][0], False)
     subsets, models, truth = out / "subsets.npz", out / "models", out / "truth"
     stage("lds subsets", das, ["lds", "subsets", str(base_cfg), "--num", str(s["num_subsets"]),
                                "--out", str(subsets), *q])
+    markers = sorted(models.glob("*/das_subset.json"))
     stage("lds train", das, ["lds", "train", str(base_cfg), "--subsets", str(subsets), "--out",
-                             str(models), "--jobs", str(args.jobs), *q])
-    stage("lds truth", das, ["lds", "truth", str(base_cfg), "--subsets", str(subsets), "--models",
-                             str(models), "--out", str(truth), "--timesteps", str(s["truth_timesteps"]),
-                             *q])
+                             str(models), "--jobs", str(args.jobs), *q],
+          reuse=len(markers) == s["num_subsets"])
+    markers = sorted(models.glob("*/das_subset.json"))
+    newest = max(p.stat().st_mtime for p in markers)
+    done = all((truth / f"{x}.npz").is_file() and (truth / f"{x}.npz").stat().st_mtime > newest
+               for x in SPLITS)
+    stage("lds truth", None if done else das, ["lds", "truth", str(base_cfg), "--subsets", str(subsets),
+                                               "--models", str(models), "--out", str(truth),
+                                               "--timesteps", str(s["truth_timesteps"]), *q], reuse=done)
     sweeps = {}
     for K in s["timesteps"]:
         for norm in (False, True):
             cfg = write_config(out, s, K, norm)
-            stage(f"extract K={K} norm={'on' if norm else 'off'}", das, ["extract", str(cfg), *q])
+            stage(f"extract K={K} norm={'on' if norm else 'off'}", das, ["extract", str(cfg), *q],
+                  reuse=store_complete(cfg))
             report = out / "sweeps" / f"{cfg.stem}.json"
             stage("lds eval --sweep", das, ["lds", "eval", str(cfg), "--subsets", str(subsets),
                                             "--truth", str(truth), "--sweep", "--json", str(report),
@@ -249,16 +281,20 @@ def main(argv=None) -> int:
     score_cfg = write_config(out, s, s["timesteps"][0], d["normalize"], d["damping"], gamma, residual,
                              dim=s["dims"][len(s["dims"]) // 2])
     stage("extract + reduce + score (defaults)", das, ["run", str(score_cfg), *q])
+    cache = out / "counterfactual" / "cache"
+    cached = set(cache.glob("*.npz")) if cache.is_dir() else set()
     stage("counterfactual", das, ["counterfactual", str(score_cfg), "--query-set", "gen", "--queries",
                                   *map(str, s["cf_queries"]), "--method", "das", "--method", "dtrak",
                                   "--method", "trak", "--fraction", str(s["cf_fraction"]), "--out",
-                                  str(out / "counterfactual"), "--jobs", str(args.jobs), *q])
+                                  str(out / "counterfactual"), "--jobs", str(args.jobs), *q],
+          reuse=bool(cached) and set(cache.glob("*.npz")) == cached)
     results = {"settings": s, "halves": halves, "baselines": base_lds, "defaults": defaults,
                "sweeps": {f"K{K}_{'norm' if n else 'raw'}": v for (K, n), v in sweeps.items()},
                "counterfactual": json.loads((out / "counterfactual" / "results.json").read_text())}
     stage("plot", plot_lds, results, s, out / "lds.png")
-    times["total"] = time.perf_counter() - t0
+    times["total"] = sum(times.values())
     results["times"] = times
+    results["reused_stage_times"] = reused
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     md = table(results, s)
     (out / "table.md").write_text(md)
