@@ -21,13 +21,10 @@ Legend: Q queries, N training rows, M subsets, C damping values.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-SUBSET_SEED_STRIDE = 1  # subset m is drawn from default_rng([seed, m]): independent of M
 
 
 class LdsError(ValueError):
@@ -84,11 +81,6 @@ class Subsets:
     train_uids: list[str]
     alpha: float
     seed: int
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(np.packbits(self.mask_MN).tobytes() + self.seeds_M.tobytes()
-                              ).hexdigest()
 
 
 def load_subsets(path: str | Path) -> Subsets:
