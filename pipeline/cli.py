@@ -25,7 +25,8 @@ def cmd_extract(args) -> int:
     summary = run_extract(_config(args.config), args.split or None,
                           show_progress=not args.quiet, partial_gram=args.partial_gram)
     print(f"extract: rank {summary['rank']}/{summary['world']} wrote {summary['units']} units "
-          f"({summary['samples']} samples) in {summary['seconds']:.1f} s -> {summary['store']}"
+          f"({summary['samples']} samples, {summary['attributed_params']} attributed parameters) "
+          f"in {summary['seconds']:.1f} s -> {summary['store']}"
           + (f"; partial Grams: {', '.join(summary['partials'])}" if summary["partials"] else ""))
     return 0
 
@@ -102,6 +103,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .kernels.doctor import report
+
+    lines, ok = report(quick=args.quick)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="das", description=(
         "Training-data attribution for diffusion models: DAS, D-TRAK and TRAK on a zarr store."))
@@ -144,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "train a tiny DDPM on digits (cached), attribute generated images, "
             "write a picture", config=False)
     p.add_argument("--out", default="das-demo", help="output folder (default ./das-demo)")
+    p = add("doctor", cmd_doctor, "which projection backends work on this machine (CUDA, Triton, "
+            "sjlt CPU kernel, fast-jl), each self-tested against the reference", config=False)
+    p.add_argument("--quick", action="store_true", help="report availability only, no self-tests")
+    from .lds_cli import register_lds
+
+    register_lds(sub)
     return parser
 
 

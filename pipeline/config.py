@@ -19,8 +19,12 @@ import tomllib
 READOUTS = ("loss", "square", "mean")
 METHODS = ("trak", "dtrak", "das", "das_signed")
 METHOD_READOUT = {"trak": "loss", "dtrak": "square", "das": "mean", "das_signed": "mean"}
-PROJECTION_KINDS = ("rademacher", "gaussian")
+PROJECTION_KINDS = ("rademacher", "gaussian", "sjlt")
+PROJECTION_BACKENDS = ("auto", "reference", "triton", "fastjl")
 DTYPES = ("float32", "float64")
+AUTOCAST = ("none", "bf16")
+OPTIONAL_PATHS = {("store", "reports"), ("model", "lora")}
+RESIDUALS = ("r", "rho")
 
 
 class ConfigError(ValueError):
@@ -30,7 +34,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     path: Path = Path("base_model")
-    """A diffusers pipeline folder (DDPMPipeline layout: unet/ and scheduler/), safetensors only."""
+    """A diffusers pipeline folder, safetensors only: DDPMPipeline (unet/, scheduler/) or
+    StableDiffusionPipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/), told apart by
+    its model_index.json."""
+    lora: Path | None = None
+    """LoRA adapter weights for the UNet (a diffusers/peft `pytorch_lora_weights.safetensors` or
+    its folder). When set, only the LoRA parameters are attributed unless [features] params says
+    otherwise."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,18 @@ class DataConfig:
     follow in brackets, e.g. `digits[0:400]`; samples keep their original row index as uid."""
     queries: dict[str, str] = field(default_factory=dict)
     """Query sets by name, each in the same forms as `train`. Names become store groups."""
+    caption_column: str = "text"
+    """Caption column of an image folder's metadata.jsonl/.csv or of a `datasets` dataset
+    (text-conditioned models only)."""
+    image_column: str = "image"
+    """Image column of a Hugging Face `datasets` dataset saved with save_to_disk."""
+    id_column: str = ""
+    """Column holding stable sample ids (uids); empty: file name (folders) or row index."""
+    resize: bool = False
+    """Resize images (shorter side, bicubic) to the model's resolution. Never done silently:
+    without it, a size mismatch is an error."""
+    center_crop: bool = False
+    """After resizing, center-crop to the model's square resolution (needed for non-square images)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,14 @@ class FeaturesConfig:
     """Samples per vmapped gradient pass. Operational: does not change results."""
     items_per_pass: int = 0
     """(timestep, draw) pairs per pass per sample; 0 means all K*S at once. Operational."""
+    vmap_chunk_size: int = 0
+    """Per-sample gradients computed this many at a time inside a batch (torch.func.vmap
+    chunk_size); 0 = the whole batch. Bounds peak memory. Operational."""
+    params: tuple[str, ...] = ()
+    """Attributed parameters: fnmatch patterns on parameter names (e.g. `*attn2*`). Empty: all
+    UNet parameters, or the LoRA parameters when [model] lora is set. Only these get gradients."""
+    autocast: str = "none"
+    """Forward pass precision: none, or bf16 (autocast; gradients still accumulate in float32)."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +100,14 @@ class ProjectionConfig:
     seed: int = 0
     """Seed of the projection matrix (kernels/README.md)."""
     kind: str = "rademacher"
-    """Matrix entries: rademacher (+-1/sqrt(k)) or gaussian (N(0,1)/sqrt(k))."""
+    """Matrix entries: rademacher (+-1/sqrt(k)), gaussian (N(0,1)/sqrt(k)) or sjlt (sparse JL:
+    sjlt_nonzeros entries +-1/sqrt(s) per parameter; kernels/README.md)."""
+    sjlt_nonzeros: int = 4
+    """s, non-zeros per parameter of the sjlt matrix (must divide dim). Used only by kind = sjlt."""
     backend: str = "auto"
-    """Which implementation applies the matrix: auto or reference. Operational (same matrix)."""
+    """Which implementation applies the matrix: auto (Triton on CUDA, reference or the compiled
+    sparse kernel on CPU), reference, triton, or fastjl (TRAK's kernel: a different, GPU-dependent
+    matrix recorded as such in the fingerprint). The others are operational (same matrix)."""
 
 
 @dataclass(frozen=True)
@@ -89,12 +124,18 @@ class StoreConfig:
 class ScoreConfig:
     methods: tuple[str, ...] = ("trak", "dtrak", "das")
     """Methods to score: trak, dtrak, das, das_signed."""
-    damping: float = 0.01
-    """Damping lambda; relative (lambda = damping * trace(G) / k) unless damping_absolute is true."""
+    damping: float = 1.0
+    """Damping lambda; relative (lambda = damping * trace(G) / k) unless damping_absolute is true.
+    Default from benchmarks/lds_digits (best on the selection halves; N < k there: sweep yours with
+    `das lds eval --sweep`)."""
     damping_absolute: bool = False
     """Read `damping` as the absolute lambda added to the Gram's diagonal."""
-    gamma: float = 1.0
-    """Exponent of the leave-one-out correction (1 - h_i)^gamma in das; 0 gives the official code's form."""
+    gamma: float = 0.0
+    """Exponent of the leave-one-out correction (1 - h_i)^gamma in das; 0 gives the official code's form.
+    Default 0 measured (benchmarks/lds_digits); gamma 1 scored within 0.2 LDS points of it."""
+    residual: str = "r"
+    """Residual weight of das: r (RMS loss, sqrt(mean loss)) or rho (signed mean residual).
+    r measured far better than rho (benchmarks/lds_digits)."""
     topk: int = 10
     """Top proponents per query written to the CSV reports."""
 
@@ -157,7 +198,7 @@ def _coerce(section: str, key: str, value: Any, default: Any, base: Path) -> Any
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _fail(section, key, value, "must be a list of strings")
         return tuple(value)
-    if isinstance(default, Path) or (section, key) == ("store", "reports"):
+    if isinstance(default, Path) or (section, key) in OPTIONAL_PATHS:
         if not isinstance(value, str):
             raise _fail(section, key, value, "must be a path string")
         path = Path(value).expanduser()
@@ -255,14 +296,29 @@ def validate(cfg: Config) -> None:
         raise _fail("features", "seed", f.seed, "must be >= 0")
     if f.dtype not in DTYPES:
         raise _fail("features", "dtype", f.dtype, f"choose one of {DTYPES}")
+    if f.autocast not in AUTOCAST:
+        raise _fail("features", "autocast", f.autocast, f"choose one of {AUTOCAST}")
+    if f.autocast != "none" and f.dtype != "float32":
+        raise _fail("features", "autocast", f.autocast, "needs dtype = \"float32\"")
+    if f.vmap_chunk_size < 0:
+        raise _fail("features", "vmap_chunk_size", f.vmap_chunk_size, "must be >= 0 (0 = whole batch)")
+    if cfg.data.center_crop and not cfg.data.resize:
+        raise _fail("data", "center_crop", True, "needs resize = true (crop follows the resize)")
     if p.dim < 1:
         raise _fail("projection", "dim", p.dim, "must be >= 1 (typical: 2048 to 32768)")
     if not 0 <= p.seed < 2**64:
         raise _fail("projection", "seed", p.seed, "must be in [0, 2**64)")
     if p.kind not in PROJECTION_KINDS:
         raise _fail("projection", "kind", p.kind, f"choose one of {PROJECTION_KINDS}")
-    if p.backend not in ("auto", "reference"):
-        raise _fail("projection", "backend", p.backend, "choose auto or reference")
+    if p.backend not in PROJECTION_BACKENDS:
+        raise _fail("projection", "backend", p.backend, f"choose one of {PROJECTION_BACKENDS}")
+    if p.kind == "sjlt" and (p.sjlt_nonzeros < 1 or p.dim % p.sjlt_nonzeros):
+        raise _fail("projection", "sjlt_nonzeros", p.sjlt_nonzeros,
+                    f"must be >= 1 and divide dim = {p.dim} (typical: 4)")
+    if p.backend == "fastjl" and (p.dim % 512 or p.kind == "sjlt"):
+        raise _fail("projection", "backend", p.backend,
+                    f"fast-jl needs kind rademacher or gaussian and dim a multiple of 512 (kind = "
+                    f"{p.kind!r}, dim = {p.dim}); use backend = \"auto\"")
     if st.rows_per_unit < 1:
         raise _fail("store", "rows_per_unit", st.rows_per_unit, "must be >= 1 (typical: 64)")
     if not s.methods:
@@ -276,7 +332,9 @@ def validate(cfg: Config) -> None:
                         f"method {m!r} needs readout {METHOD_READOUT[m]!r}; add it to "
                         f"[features] readouts")
     if not s.damping > 0:
-        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 0.01)")
+        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 1.0)")
+    if s.residual not in RESIDUALS:
+        raise _fail("score", "residual", s.residual, f"choose one of {RESIDUALS}")
     if s.topk < 1:
         raise _fail("score", "topk", s.topk, "must be >= 1")
     for name in cfg.data.queries:
@@ -301,5 +359,9 @@ def result_settings(cfg: Config) -> dict:
         "noise_rng": "torch.Generator(cpu).randn keyed by blake2b(seed|uid|t|draw)",
         "normalize": f.normalize,
         "dtype": f.dtype,
-        "projection": {"kind": p.kind, "dim": p.dim, "seed": p.seed},
+        "autocast": f.autocast,
+        "params": list(f.params),
+        "transform": {"resize": cfg.data.resize, "center_crop": cfg.data.center_crop},
+        "projection": {"kind": p.kind, "dim": p.dim, "seed": p.seed,
+                       **({"nonzeros": p.sjlt_nonzeros} if p.kind == "sjlt" else {})},
     }

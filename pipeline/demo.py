@@ -170,6 +170,7 @@ def run_demo(out: Path, show_progress: bool = True) -> dict:
     from .extract import run_extract
     from .reduce import run_reduce
     from .score import run_score
+    from .store import StoreError
 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -185,7 +186,15 @@ def run_demo(out: Path, show_progress: bool = True) -> dict:
         shutil.rmtree(cfg.store.path, ignore_errors=True)
     for stage, fn in (("extract", run_extract), ("reduce", run_reduce), ("score", run_score)):
         t0 = time.perf_counter()
-        fn(cfg, show_progress=show_progress)
+        try:
+            fn(cfg, show_progress=show_progress)
+        except StoreError as err:
+            if stage != "extract" or "other result-affecting settings" not in str(err):
+                raise
+            # The demo owns its store: one made by another version of the demo is rebuilt.
+            print(f"das demo: rebuilding {cfg.store.path} ({str(err).splitlines()[0]})")
+            shutil.rmtree(cfg.store.path)
+            fn(cfg, show_progress=show_progress)
         times[stage] = time.perf_counter() - t0
     t0 = time.perf_counter()
     picture = draw_attribution(cfg, out / "attribution.png")

@@ -22,8 +22,8 @@ import torch
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request, run me again"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Where ``DAS_FAULT=name:n`` can kill a worker, in the order one unit passes them.
-FAULT_POINTS = ("claim", "batch", "before_write", "mid_write", "before_marker", "after_unit",
-                "partial")
+FAULT_POINTS = ("claim", "after_cache", "batch", "before_write", "mid_write", "before_marker",
+                "after_unit", "partial")
 _MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 

@@ -1,14 +1,17 @@
 """Per-sample gradient features of diffusion readouts (DESIGN.md section 1), with torch.func.
 
 For each sample x, timestep t on the grid and noise draw s, with keyed noise eps(uid, t, s):
-    x_t = scheduler.add_noise(x, eps, t),  pred = eps_theta(x_t, t)
-    loss = mean_j (pred - eps)_j^2,  square = mean_j pred_j^2,  mean = mean_j pred_j
+    x_t = scheduler.add_noise(x, eps, t),  pred = model(x_t, t [, caption embedding])
+    loss = mean_j (pred - target)_j^2,  square = mean_j pred_j^2,  mean = mean_j pred_j
+    target = eps for epsilon-prediction schedulers, v = scheduler.get_velocity(x, eps, t) for
+    v_prediction ones; `square` and `mean` read the raw model output either way.
     g_R(x) = 1/(K S) sum_{t,s} w_{t,s} grad_theta R,  w = 1 or 1/||grad_theta R|| (normalize)
-    r(x) = sqrt(1/(K S) sum loss),  rho(x) = 1/(K S) sum mean_j (pred - eps)_j
+    r(x) = sqrt(1/(K S) sum loss),  rho(x) = 1/(K S) sum mean_j (pred - target)_j
 All readouts come from one shared forward pass per (sample, item); reverse-mode gives each
 readout's gradient from that pass (``jacrev`` over the R readouts).
 
-Legend: B samples, I (timestep, draw) items, R readouts, P attributed parameters, K proj dim.
+Legend: B samples, I (timestep, draw) items, R readouts, P attributed parameters, K proj dim,
+L caption tokens, D text embedding width.
 """
 
 from __future__ import annotations
@@ -74,11 +77,17 @@ def keyed_noise(seed: int, uids: list[str], ts_I: torch.Tensor, draws_I: torch.T
 
 
 @contextmanager
-def math_attention():
-    """torch.func transforms need the math SDPA backend (the fused CPU kernels lack vmap rules)."""
+def math_attention(autocast: bool = False):
+    """SDPA backends that work under torch.func transforms.
+
+    float32/float64: the math backend (the fused CPU kernels lack batching rules). Under bf16
+    autocast the math backend's batched backward fails on mixed dtypes (torch 2.13), while the
+    flash backend runs through functorch's (slower) fallback, so it is allowed there.
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):
+    backends = [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION] if autocast else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
         yield
 
 
@@ -90,24 +99,30 @@ class BatchFeatures:
     rho_B: torch.Tensor
 
 
-def _readouts(pred, eps, index):
-    pred_f, diff_f = pred.flatten(1), (pred - eps).flatten(1)
+def _readouts(pred, target, index):
+    pred_f, diff_f = pred.flatten(1), (pred - target).flatten(1)
     values = torch.stack([diff_f.pow(2).mean(1), pred_f.pow(2).mean(1), pred_f.mean(1)])
     return values[index], (values[0], diff_f.mean(1))
 
 
 def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor, uids: list[str],
                          spec: FeatureSpec, param_names: list[str] | None = None,
-                         items_per_pass: int = 0) -> BatchFeatures:
+                         items_per_pass: int = 0, cond_BLD: torch.Tensor | None = None,
+                         vmap_chunk_size: int = 0, autocast: bool = False) -> BatchFeatures:
     """Per-sample gradient features of one batch (vmap over samples of jacrev of the readouts).
 
     Args:
-        unet: eval-mode UNet2DModel already on the target device and in ``spec.dtype``.
-        scheduler: diffusers scheduler providing ``add_noise`` and ``config.num_train_timesteps``.
-        x_BCHW: clean samples in [-1, 1], any dtype/device (moved to the unet's).
+        unet: eval-mode UNet already on the target device and in ``spec.dtype``.
+        scheduler: diffusers scheduler providing ``add_noise`` (and ``get_velocity`` for
+            v_prediction) and ``config.num_train_timesteps``.
+        x_BCHW: clean samples (pixels in [-1, 1], or scaled VAE latents), any dtype/device.
         uids: B sample uids (noise keys).
         param_names: attributed parameters (default: all), in the order of the flat vector.
+            Gradients are computed for these only; the others are held constant.
         items_per_pass: (t, draw) items per vmapped pass; 0 = all. Bounds activation memory.
+        cond_BLD: per-sample caption embeddings for text-conditioned UNets.
+        vmap_chunk_size: samples per vmap chunk (0 = all). Bounds gradient memory.
+        autocast: run the forward pass under bf16 autocast (gradients stay float32).
     Returns:
         BatchFeatures with grads (R, B, P) in ``spec.dtype`` on the unet's device.
     """
@@ -121,50 +136,63 @@ def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor,
     index = torch.tensor([ALL_READOUTS.index(r) for r in spec.readouts])
     num_items = spec.timesteps * spec.noise_draws
     ts_I, draws_I = item_grid(spec, int(scheduler.config.num_train_timesteps))
-    eps_BI = keyed_noise(spec.seed, uids, ts_I, draws_I, tuple(x_BCHW.shape[1:]))
-    x_B = x_BCHW.to(torch.float32).cpu()
+    shape = tuple(x_BCHW.shape[1:])
+    eps_BI = keyed_noise(spec.seed, uids, ts_I, draws_I, shape)
     B = len(uids)
-    # x_t in float32 on the CPU with the scheduler's own add_noise, then cast: device-independent.
-    xt_BI = scheduler.add_noise(x_B[:, None].expand_as(eps_BI).reshape(B * num_items, *x_B.shape[1:]),
-                                eps_BI.reshape(B * num_items, *x_B.shape[1:]),
-                                ts_I.repeat(B)).view_as(eps_BI)
-    xt_BI, eps_BI = xt_BI.to(device, dtype), eps_BI.to(device, dtype)
+    # x_t and the target in float32 on the CPU with the scheduler's own formulas, then cast:
+    # the same on every device.
+    x0 = x_BCHW.to(torch.float32).cpu()[:, None].expand_as(eps_BI).reshape(B * num_items, *shape)
+    flat_eps, flat_t = eps_BI.reshape(B * num_items, *shape), ts_I.repeat(B)
+    xt_BI = scheduler.add_noise(x0, flat_eps, flat_t).view_as(eps_BI)
+    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+        target_BI = scheduler.get_velocity(x0, flat_eps, flat_t).view_as(eps_BI)
+    else:
+        target_BI = eps_BI
+    xt_BI, target_BI = xt_BI.to(device, dtype), target_BI.to(device, dtype)
     ts_I = ts_I.to(device)
+    cond_BLD = None if cond_BLD is None else cond_BLD.to(device, dtype)
 
-    def forward(p, xt, t, eps):
-        pred = functional_call(unet, (p, frozen), (xt, t)).sample
-        return _readouts(pred, eps, index)
+    def forward(p, xt, t, target, cond):
+        kwargs = {} if cond is None else {"encoder_hidden_states": cond.expand(len(xt), *cond.shape[-2:])}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            pred = functional_call(unet, (p, frozen), (xt, t), kwargs).sample
+        return _readouts(pred.to(dtype), target, index)
 
     chunk = items_per_pass or num_items
+    vmap_kw = {"chunk_size": vmap_chunk_size} if vmap_chunk_size else {}
+    cond_dim = None if cond_BLD is None else 0
     grads = {n: torch.zeros(len(spec.readouts), B, *p.shape, dtype=dtype, device=device)
              for n, p in params.items()}
     loss_sum_B = torch.zeros(B, dtype=torch.float64, device=device)
     rho_sum_B = torch.zeros(B, dtype=torch.float64, device=device)
-    with math_attention():
+    with math_attention(autocast):
         for lo in range(0, num_items, chunk):
             hi = min(num_items, lo + chunk)
-            xt, eps, t = xt_BI[:, lo:hi], eps_BI[:, lo:hi], ts_I[lo:hi]
+            xt, target, t = xt_BI[:, lo:hi], target_BI[:, lo:hi], ts_I[lo:hi]
             if not spec.normalize:
                 # Gradient of the readouts summed over this sample's items: one jacrev per sample.
-                def summed(p, xt_i, eps_i, t=t):
-                    values_RI, aux = forward(p, xt_i, t, eps_i)
+                def summed(p, xt_i, target_i, cond_i, t=t):
+                    values_RI, aux = forward(p, xt_i, t, target_i, cond_i)
                     return values_RI.sum(1), aux
 
                 jac, (loss_I, rho_I) = vmap(jacrev(summed, has_aux=True),
-                                            in_dims=(None, 0, 0))(params, xt, eps)
+                                            in_dims=(None, 0, 0, cond_dim), **vmap_kw)(
+                    params, xt, target, cond_BLD)
                 for n in names:
                     grads[n] += jac[n].transpose(0, 1)
             else:
                 # One jacrev per (sample, item): needed for the per-item norms.
                 n_items = hi - lo
 
-                def single(p, xt_1, t_1, eps_1):
-                    values_R1, aux = forward(p, xt_1[None], t_1[None], eps_1[None])
+                def single(p, xt_1, t_1, target_1, cond_1):
+                    values_R1, aux = forward(p, xt_1[None], t_1[None], target_1[None], cond_1)
                     return values_R1[:, 0], aux
 
-                jac, (loss_I, rho_I) = vmap(jacrev(single, has_aux=True), in_dims=(None, 0, 0, 0))(
-                    params, xt.reshape(B * n_items, *xt.shape[2:]), t.repeat(B),
-                    eps.reshape(B * n_items, *eps.shape[2:]))
+                cond = None if cond_BLD is None else cond_BLD.repeat_interleave(n_items, dim=0)
+                jac, (loss_I, rho_I) = vmap(jacrev(single, has_aux=True),
+                                            in_dims=(None, 0, 0, 0, cond_dim), **vmap_kw)(
+                    params, xt.reshape(B * n_items, *shape), t.repeat(B),
+                    target.reshape(B * n_items, *shape), cond)
                 sq_norm = sum(j.flatten(2).pow(2).sum(2) for j in jac.values())  # (B*I, R)
                 norm = sq_norm.sqrt()
                 weight = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))

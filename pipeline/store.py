@@ -12,6 +12,9 @@ Layout (DESIGN.md section 2)::
         claims        (U, 3)          one chunk per unit, written FIRST: [time, pid, rank]
         locks         (U, 3)          a chunk exists only while a worker commits the unit:
                                       [time, pid, host id] (``Split.commit_unit``)
+        cache/<name>  (N, ...)        text-conditioned models: VAE latents and caption
+                                      embeddings, encoded once per unit and reused on resume
+        cache/markers (U, 2)          [done, time] per unit, written after the cache chunks
       reduce/<readout>/ gram, eigvals, eigvecs
       partials/<readout>/r<rank>-w<world> (k, k) partial Gram of one rank's train units (reduce.py)
       scores/<query set>/<method>     (Q, N) scores
@@ -147,7 +150,8 @@ class Store:
 
     def create_split(self, name: str, *, source: str, digest: str, uids: list[str],
                      readouts: tuple[str, ...], dim: int, dtype: str, rows_per_unit: int,
-                     create: bool = True, wait_s: float = 600.0) -> Split:
+                     create: bool = True, wait_s: float = 600.0,
+                     cache_shapes: dict[str, tuple[int, ...]] | None = None) -> Split:
         """Create split ``name`` (rank 0) or wait for it; refuse one made from other data.
 
         Raises:
@@ -159,7 +163,7 @@ class Store:
                 _wait_for(ready, f"split {name!r}", wait_s)
             else:
                 return self._create_split(name, source, digest, uids, readouts, dim, dtype,
-                                          rows_per_unit)
+                                          rows_per_unit, cache_shapes or {})
         split = self.split(name)
         attrs = split.group.attrs.asdict()
         if attrs["dataset_digest"] != digest or attrs["num_samples"] != len(uids):
@@ -174,7 +178,8 @@ class Store:
                           f"was created with {attrs['rows_per_unit']}", stacklevel=2)
         return split
 
-    def _create_split(self, name, source, digest, uids, readouts, dim, dtype, rows_per_unit):
+    def _create_split(self, name, source, digest, uids, readouts, dim, dtype, rows_per_unit,
+                      cache_shapes):
         n = len(uids)
         num_units = -(-n // rows_per_unit)
         g = self.root.require_group(name)
@@ -194,6 +199,14 @@ class Store:
         g.create_array("claims", shape=(num_units, 3), dtype="float64", chunks=(1, 3),
                        fill_value=0.0, overwrite=True)
         _create_locks(g, num_units)
+        if cache_shapes:
+            cache = g.require_group("cache")
+            for key, shape in cache_shapes.items():
+                cache.create_array(key, shape=(n, *shape), dtype="float32",
+                                   chunks=(rows_per_unit, *shape), compressors=[Crc32cCodec()],
+                                   fill_value=np.nan, overwrite=True)
+            cache.create_array("markers", shape=(num_units, 2), dtype="float64", chunks=(1, 2),
+                               fill_value=0.0, overwrite=True)
         # Created last: its metadata file is what other ranks wait for.
         g.create_array("markers", shape=(num_units, MARKER_FIXED + len(readouts) + 1),
                        dtype="float64", chunks=(1, MARKER_FIXED + len(readouts) + 1),
@@ -265,8 +278,8 @@ class Split:
     def claims(self) -> np.ndarray:
         return self.group["claims"][:]
 
-    def write_unit(self, unit: int, data: UnitData, rank: int = 0) -> None:
-        """Write one unit's chunks, then its marker (last). Idempotent: same data, same chunks."""
+    def write_data(self, unit: int, data: UnitData) -> None:
+        """Write one unit's chunks (not yet trusted: ``mark`` must follow)."""
         lo, hi = self.unit_rows(unit)
         for r in self.readouts:
             assert data.features[r].shape == (hi - lo, self.dim), data.features[r].shape
@@ -274,9 +287,36 @@ class Split:
             fault_point("mid_write")
         self.group["residual"][lo:hi] = data.residual
         self.group["rho"][lo:hi] = data.rho
-        fault_point("before_marker")
+
+    def mark(self, unit: int, data: UnitData, rank: int = 0) -> None:
+        """Write the unit's completion marker: the last object of a unit, after its data."""
+        lo, hi = self.unit_rows(unit)
         marker = [1.0, hi - lo, time.time(), os.getpid(), rank] + _checksums(data, self.readouts)
         self.group["markers"][unit] = np.asarray(marker, dtype=np.float64)
+
+    def write_unit(self, unit: int, data: UnitData, rank: int = 0) -> None:
+        """Write one unit's chunks, then its marker. Idempotent: same data, same chunks."""
+        self.write_data(unit, data)
+        self.mark(unit, data, rank)
+
+    @property
+    def has_cache(self) -> bool:
+        return "cache" in self.group
+
+    def cache_done(self, unit: int) -> bool:
+        return bool(self.group["cache"]["markers"][unit, 0] == 1.0)
+
+    def write_cache(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write a unit's cached encodings, then the cache marker."""
+        lo, hi = self.unit_rows(unit)
+        for key, value in arrays.items():
+            self.group["cache"][key][lo:hi] = value
+        self.group["cache"]["markers"][unit] = [1.0, time.time()]
+
+    def read_cache(self, unit: int) -> dict[str, np.ndarray]:
+        lo, hi = self.unit_rows(unit)
+        cache = self.group["cache"]
+        return {key: cache[key][lo:hi] for key in cache.array_keys() if key != "markers"}
 
     def commit_unit(self, unit: int, data: UnitData, rank: int = 0) -> bool:
         """Write the unit and its marker unless another worker already marked it.
@@ -289,7 +329,9 @@ class Split:
         with self._unit_lock(unit):
             if self.is_done(unit):
                 return False
-            self.write_unit(unit, data, rank)
+            self.write_data(unit, data)
+            fault_point("before_marker")
+            self.mark(unit, data, rank)
             return True
 
     @contextlib.contextmanager

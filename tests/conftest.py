@@ -9,46 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_config
+
 # Triton kernels run on CPU tensors through the interpreter when no GPU is present.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-TINY_TOML = """
-[model]
-path = "{model}"
-
-[data]
-train = "{train}"
-[data.queries]
-{queries}
-
-[features]
-readouts = {readouts}
-timesteps = {timesteps}
-noise_draws = {noise_draws}
-seed = 0
-normalize = {normalize}
-dtype = "{dtype}"
-batch_size = {batch_size}
-
-[projection]
-dim = {dim}
-seed = 0
-
-[store]
-path = "{store}"
-rows_per_unit = {rows_per_unit}
-
-[score]
-methods = {methods}
-damping = {damping}
-topk = 5
-"""
-
-
-def _toml_list(items) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -68,21 +33,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_config(tmp_path, tiny_model_dir):
-    """Write a tiny TOML config and return its path; keyword arguments override defaults."""
+    """Write a tiny TOML config into tmp_path and return its path (see helpers.write_config)."""
 
     def make(name: str = "cfg.toml", **overrides) -> Path:
-        values = dict(model=tiny_model_dir, train="digits[0:40]", queries={"val": "digits[100:106]"},
-                      readouts=("loss", "square", "mean"), timesteps=4, noise_draws=1,
-                      normalize="false", dtype="float32", batch_size=8, dim=64,
-                      store=tmp_path / "store.zarr", rows_per_unit=16,
-                      methods=("trak", "dtrak", "das"), damping=0.01)
-        values.update(overrides)
-        values["queries"] = "\n".join(f'{k} = "{v}"' for k, v in values["queries"].items())
-        values["readouts"] = _toml_list(values["readouts"])
-        values["methods"] = _toml_list(values["methods"])
-        path = tmp_path / name
-        path.write_text(TINY_TOML.format(**values))
-        return path
+        overrides.setdefault("store", tmp_path / "store.zarr")
+        return write_config(tmp_path / name, tiny_model_dir, **overrides)
 
     return make
 

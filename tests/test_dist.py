@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from das_pipeline import dist
 from das_pipeline.config import load_config
 from das_pipeline.store import Store

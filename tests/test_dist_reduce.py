@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_dist import make_reference, write_config
+
 from das_pipeline.config import load_config
 from das_pipeline.reduce import run_reduce, write_partial
 from das_pipeline.store import Store, StoreError
-from test_dist import make_reference, write_config
 
 NUM_TRAIN_UNITS = 10  # 40 rows, 4 per unit
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from das_pipeline.cli import main
 from das_pipeline.store import Store
 

@@ -23,9 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from das_pipeline import dist
-from das_pipeline.config import load_config
-from das_pipeline.store import HOST_ID, Store, StoreError, UnitData
 from test_dist import (
     DAS,
     assert_same_store,
@@ -36,6 +33,10 @@ from test_dist import (
     units_written,
     write_config,
 )
+
+from das_pipeline import dist
+from das_pipeline.config import load_config
+from das_pipeline.store import HOST_ID, Store, StoreError, UnitData
 
 NUM_UNITS = 20 + 3  # rows_per_unit = 2: 40 train rows, 6 queries
 
@@ -70,7 +71,8 @@ def test_sigkill_at_ten_random_points_then_resume(reference, tmp_path, tiny_mode
     cfg = write_config(tmp_path / "kill.toml", tiny_model_dir, tmp_path / "kill.zarr",
                        rows_per_unit=2)
     rng = random.Random(20261128)
-    points = [p for p in dist.FAULT_POINTS if p != "partial"]
+    # Every point one unit of an unconditional model passes (after_cache: text models only).
+    points = [p for p in dist.FAULT_POINTS if p not in ("after_cache", "partial")]
     before = None
     for attempt in range(10):
         point, n = rng.choice(points), rng.randint(1, 2)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_dist import DAS, make_reference, run, write_config
+
 from das_pipeline.config import load_config
 from das_pipeline.score import read_scores
 from das_pipeline.store import Store
-from test_dist import DAS, make_reference, run, write_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "local_slurm.sh"
 pytestmark = pytest.mark.slurm

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from das_pipeline.cli import main
 from das_pipeline.launch.slurm import Plan, render
 

@@ -1,0 +1,23 @@
+"""`das demo` end to end, as a new user runs it (the README's first command minus set-up)."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+@pytest.mark.slow
+def test_demo_writes_picture_and_summary_then_reuses_its_model(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "das_pipeline.cli", "demo", "--out", str(out), "--quiet"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "trained now" in first.stdout
+    picture = Image.open(out / "attribution.png")
+    assert picture.size[0] > 600 and picture.size[1] > 16 * 48  # 16 query rows of 48 px
+    summary = (out / "summary.txt").read_text()
+    assert "timings (s)" in summary and "das" in summary
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "cached" in second.stdout
