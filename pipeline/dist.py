@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -158,3 +159,15 @@ def fault_point(name: str) -> None:
     os.environ[counter] = str(count)
     if count == int(spec.split(":", 1)[1]):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def torch_threads(num: int):
+    """Run a block with ``num`` intra-op threads, restoring the previous count afterwards
+    (a worker that pins itself to 1 thread must not slow down the rest of its process)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
