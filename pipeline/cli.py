@@ -37,7 +37,7 @@ def cmd_reduce(args) -> int:
     for readout, s in run_reduce(_config(args.config), show_progress=not args.quiet,
                                  partials=args.partials).items():
         print(f"reduce: {readout}: trace {s['trace']:.4g}, numerical rank {s['rank']}, "
-              f"{s['seconds']:.1f} s ({s['source']})")
+              f"{s['seconds']:.1f} s ({s['source']}; {s['factor']})")
     return 0
 
 
