@@ -59,7 +59,6 @@ rows_per_unit = 50
 
 [score]
 methods = ["trak", "dtrak", "das"]
-damping = 0.01
 topk = 5
 """
 
