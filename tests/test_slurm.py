@@ -107,7 +107,14 @@ def test_submit_preempt_requeue_then_reduce_score_equals_single_process(slurm, r
     slurm_cmd(slurm, "scancel", "--batch", "--signal=USR1", f"{array}_0")  # as --signal does
     wait_until(lambda: [(j["JobState"], j["Restarts"]) for j in jobs(slurm, f"{array}_0")]
                == [("PENDING", "1")], 120, "the requeue of task 0", logs)
-    # Slurm delays a requeued job's start by minutes; release it now.
+    # Slurm delays a requeued job's start by minutes; release it now, but only once the old
+    # instance's slurmstepd is gone: releasing earlier races the clean-up ("Job credential
+    # revoked") and fails the task, which a real requeue's delay never does.
+    job_id = jobs(slurm, f"{array}_0")[0]["JobId"]
+    wait_until(lambda: subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job_id}\."],
+                                      capture_output=True).returncode != 0,
+               120, "the end of task 0's first instance", logs)
+    time.sleep(3)
     slurm_cmd(slurm, "scontrol", "update", f"JobId={array}_0", "StartTime=now")
     wait_until(lambda: not queued(slurm, array, dependent), 600, "the array and reduce + score",
                logs)
