@@ -129,13 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
             "(resumes; runs under accelerate launch / torchrun as one rank each)")
     p.add_argument("--split", action="append", help="only this split (repeatable)")
     p.add_argument("--partial-gram", action="store_true",
-                   help="then store the partial Gram of this rank's train units for `das reduce`")
+                   help="then store the partial Gram of this rank's train units for `das reduce` "
+                   "(skipped when N < k)")
     p = add("reduce", cmd_reduce, "Gram, eigendecomposition per readout (needs a complete train "
             "split)")
     p.add_argument("--partials", choices=("auto", "require", "ignore"), default="auto",
-                   help="sum the ranks' partial Grams when they cover every unit exactly once "
-                   "(auto, default: else stream the store), insist on them (require), or always "
-                   "stream (ignore)")
+                   help="sum the ranks' partial Grams when N >= k and they cover every unit "
+                   "exactly once (auto, default: else stream the store), insist on them "
+                   "(require), or always stream (ignore)")
     p = add("score", cmd_score, "score query sets against the training set; writes top-k CSVs")
     p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
     p = add("run", cmd_run, "extract, reduce and score")

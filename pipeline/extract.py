@@ -186,7 +186,8 @@ def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInf
     """Extract the features of the given splits (default: train and every query set).
 
     With ``partial_gram`` the rank then stores the partial Gram of the train units it owns
-    (``reduce.write_partial``), which ``das reduce`` sums instead of streaming the store.
+    (``reduce.write_partial``), which ``das reduce`` sums instead of streaming the store; not
+    when N < k, where the features are smaller than one partial.
 
     Returns a summary dict (units written, samples, seconds). Raises ``dist.Preempted`` after a
     stop signal; what was marked stays valid and the rerun continues from it.
@@ -243,7 +244,10 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
 
         train = split_map["train"]
         units = range(rank.rank, train.num_units, rank.world)
-        for readout in needed_readouts(cfg) if len(units) else []:
+        # With N < k a partial (k x k) is bigger than all train features (N x k), and `das reduce`
+        # streams them for the exact thin factor anyway: write none.
+        wanted = len(units) and train.num_samples >= train.dim
+        for readout in needed_readouts(cfg) if wanted else []:
             write_partial(store, train, readout, units, rank.rank, rank.world)
             partials.append(readout)
     seconds = time.perf_counter() - started

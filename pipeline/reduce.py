@@ -218,9 +218,9 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
                partials: str = "auto") -> dict:
     """Compute and store the Gram factor of every readout the configured methods need.
 
-    ``partials``: ``auto`` sums the extraction ranks' partial Grams when they cover every unit
-    exactly once and streams the store otherwise; ``require`` refuses to stream; ``ignore``
-    always streams.
+    ``partials``: ``auto`` sums the extraction ranks' partial Grams when N >= k and they cover
+    every unit exactly once, and streams the store otherwise; ``require`` refuses to stream
+    (and eigendecomposes the summed k x k Gram even when N < k); ``ignore`` always streams.
 
     Raises:
         StoreError: the train split is incomplete or corrupt, or partials are required but
@@ -236,7 +236,12 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
     for readout in needed_readouts(cfg):
         started = time.perf_counter()
         g, source, method = None, "streamed the store", f"k x k eigh (k = {train.dim})"
-        if partials != "ignore":
+        thin = train.num_samples < train.dim
+        if partials == "auto" and thin:
+            # The N x k features are smaller than one k x k partial, and the thin factor skips
+            # the O(k^3) eigh that a summed Gram would need: stream them.
+            source = f"streamed the store (N = {train.num_samples} < k: cheaper than partials)"
+        elif partials != "ignore":
             g, why = summed_partials(store, train, readout, markers)
             if g is None and partials == "require":
                 raise StoreError(f"--partials require: no usable partial Grams for {readout!r} "
@@ -246,7 +251,7 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
                 warnings.warn(f"partial Grams of {readout!r} not used ({why}); streaming the "
                               f"store instead", stacklevel=2)
             source = why if g is not None else source
-        if g is None and train.num_samples < train.dim:
+        if g is None and thin:
             # N < k: eigendecompose the N x N kernel instead of the k x k Gram (exact, cheaper).
             blocks = iter_features(train, readout, markers, f"features {readout}", show_progress)
             phi = torch.cat([torch.as_tensor(b) for b in blocks]).to(device, torch.float64)

@@ -42,7 +42,7 @@ timesteps = 4
 seed = 0
 batch_size = 8
 [projection]
-dim = 64
+dim = 32
 seed = 0
 [store]
 path = "{store}"
@@ -55,7 +55,8 @@ topk = 5
 
 
 def write_config(path: Path, model: Path, store: Path, rows_per_unit: int = 4) -> Path:
-    """The scale tests' tiny config: 40 train rows, 6 queries, 3 readouts, k = 64."""
+    """The scale tests' tiny config: 40 train rows, 6 queries, 3 readouts, k = 32 (N >= k:
+    the partial-Gram path)."""
     path.write_text(CONFIG.format(model=model, store=store, rows_per_unit=rows_per_unit))
     return path
 

@@ -78,7 +78,7 @@ def test_stale_unfinished_and_corrupt_partials(copy):
     part[0, 0] += 1.0  # bytes changed after the checksum was written
     with pytest.raises(StoreError, match="does not match its checksum"):
         run_reduce(cfg, show_progress=False, partials="require")
-    arr = store.root["partials"]["loss"].create_array("r0-w1", shape=(64, 64), dtype="float64",
+    arr = store.root["partials"]["loss"].create_array("r0-w1", shape=(32, 32), dtype="float64",
                                                       overwrite=True)  # killed before its attrs
     assert "checksum" not in arr.attrs
     with pytest.raises(StoreError, match=r"r0-w1 \(unfinished\)"):
@@ -97,3 +97,26 @@ def test_partials_group_is_not_a_split(copy):
     emit(store, world=1, readouts=("loss",))
     assert sorted(store.split_names()) == ["train", "val"]
     assert Path(store.path / "partials" / "loss" / "r0-w1" / "zarr.json").exists()
+
+
+def test_fewer_rows_than_k_writes_no_partials_and_streams_the_thin_factor(tmp_path, tiny_model_dir):
+    from helpers import write_config as write_tiny
+
+    from das_pipeline.extract import run_extract
+
+    cfg = load_config(write_tiny(tmp_path / "thin.toml", tiny_model_dir, dim=64, rows_per_unit=4,
+                                 store=tmp_path / "thin.zarr"))  # N = 40 < k = 64
+    summary = run_extract(cfg, show_progress=False, partial_gram=True)
+    assert summary["partials"] == []
+    store = Store.open_existing(cfg.store.path)
+    assert "partials" not in store.root
+    emit(store, world=1)  # even when present, auto does not use them for N < k
+    reduced = run_reduce(cfg, show_progress=False)
+    assert reduced["loss"]["source"].startswith("streamed the store (N = 40 < k")
+    assert reduced["loss"]["factor"] == "N x N kernel eigh (N = 40 < k = 64)"
+    assert "gram" not in store.root["reduce"]["loss"]
+    summed = store.root["partials"]["loss"]["r0-w1"][...]
+    np.testing.assert_allclose(stored_gram(store, "loss"), summed, rtol=0,
+                               atol=1e-12 * np.abs(summed).max())
+    required = run_reduce(cfg, show_progress=False, partials="require")
+    assert required["loss"]["source"] == "summed 1 partial Grams of world 1"
