@@ -100,9 +100,8 @@ def test_partials_group_is_not_a_split(copy):
 
 
 def test_fewer_rows_than_k_writes_no_partials_and_streams_the_thin_factor(tmp_path, tiny_model_dir):
-    from helpers import write_config as write_tiny
-
     from das_pipeline.extract import run_extract
+    from helpers import write_config as write_tiny
 
     cfg = load_config(write_tiny(tmp_path / "thin.toml", tiny_model_dir, dim=64, rows_per_unit=4,
                                  store=tmp_path / "thin.zarr"))  # N = 40 < k = 64
