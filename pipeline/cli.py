@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", cmd_doctor, "which projection backends work on this machine (CUDA, Triton, "
             "sjlt CPU kernel, fast-jl), each self-tested against the reference", config=False)
     p.add_argument("--quick", action="store_true", help="report availability only, no self-tests")
+    from .lds_cli import register_lds
+
+    register_lds(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ PROJECTION_BACKENDS = ("auto", "reference", "triton", "fastjl")
 DTYPES = ("float32", "float64")
 AUTOCAST = ("none", "bf16")
 OPTIONAL_PATHS = {("store", "reports"), ("model", "lora")}
+RESIDUALS = ("r", "rho")
 
 
 class ConfigError(ValueError):
@@ -123,12 +124,18 @@ class StoreConfig:
 class ScoreConfig:
     methods: tuple[str, ...] = ("trak", "dtrak", "das")
     """Methods to score: trak, dtrak, das, das_signed."""
-    damping: float = 0.01
-    """Damping lambda; relative (lambda = damping * trace(G) / k) unless damping_absolute is true."""
+    damping: float = 1.0
+    """Damping lambda; relative (lambda = damping * trace(G) / k) unless damping_absolute is true.
+    Default from benchmarks/lds_digits (best on the selection halves; N < k there: sweep yours with
+    `das lds eval --sweep`)."""
     damping_absolute: bool = False
     """Read `damping` as the absolute lambda added to the Gram's diagonal."""
-    gamma: float = 1.0
-    """Exponent of the leave-one-out correction (1 - h_i)^gamma in das; 0 gives the official code's form."""
+    gamma: float = 0.0
+    """Exponent of the leave-one-out correction (1 - h_i)^gamma in das; 0 gives the official code's form.
+    Default 0 measured (benchmarks/lds_digits); gamma 1 scored within 0.2 LDS points of it."""
+    residual: str = "r"
+    """Residual weight of das: r (RMS loss, sqrt(mean loss)) or rho (signed mean residual).
+    r measured far better than rho (benchmarks/lds_digits)."""
     topk: int = 10
     """Top proponents per query written to the CSV reports."""
 
@@ -325,7 +332,9 @@ def validate(cfg: Config) -> None:
                         f"method {m!r} needs readout {METHOD_READOUT[m]!r}; add it to "
                         f"[features] readouts")
     if not s.damping > 0:
-        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 0.01)")
+        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 1.0)")
+    if s.residual not in RESIDUALS:
+        raise _fail("score", "residual", s.residual, f"choose one of {RESIDUALS}")
     if s.topk < 1:
         raise _fail("score", "topk", s.topk, "must be >= 1")
     for name in cfg.data.queries:

@@ -3,7 +3,8 @@
 For readout R with factor (G_R + lambda I):
     base_R(q, i) = phi_R(q) (G_R + lambda I)^-1 phi_R(i)^T
     trak = base_loss,  dtrak = base_square
-    das_signed(q, i) = base_mean(q, i) * r_i / (1 - h_i)^gamma,  das = das_signed^2
+    das_signed(q, i) = base_mean(q, i) * w_i / (1 - h_i)^gamma,  das = das_signed^2
+    w_i = r_i (RMS loss residual) or rho_i (signed mean residual), per [score] residual
 Positive scores are proponents. Queries are preconditioned once ((K, Q) per readout); each
 training unit then costs one (n, K) x (K, Q) product, so neither N x Q nor N x K is ever held.
 
@@ -35,7 +36,8 @@ def score_block(feats_nK: dict[str, torch.Tensor], precond_KQ: dict[str, torch.T
     Args:
         feats_nK: train features per readout, (n, K).
         precond_KQ: (G_R + lambda I)^-1 phi_R(queries)^T per readout, (K, Q).
-        residual_n, leverage_n: r_i and h_i (needed by das, das_signed).
+        residual_n, leverage_n: the residual weight (r_i or rho_i) and h_i (needed by das,
+            das_signed).
     """
     base = {r: (f.to(torch.float64) @ precond_KQ[r]).T for r, f in feats_nK.items()}
     out = {}
@@ -103,7 +105,8 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
                 feats = {r: torch.from_numpy(data.features[r]).to(device) for r in readouts}
                 lev = (factors["mean"].leverage(feats["mean"], lams["mean"])
                        if "mean" in readouts else None)
-                residual = torch.from_numpy(data.residual).to(device)
+                residual = torch.from_numpy(data.rho if cfg.score.residual == "rho"
+                                            else data.residual).to(device)
                 block = score_block(feats, precond, residual, lev, methods, cfg.score.gamma)
                 for m in methods:
                     scores = block[m].cpu()
@@ -114,7 +117,8 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
         group.attrs.update({
             "methods": methods, "damping": cfg.score.damping,
             "damping_absolute": cfg.score.damping_absolute, "lambda": lams,
-            "gamma": cfg.score.gamma, "train_digest": markers_digest(train_markers),
+            "gamma": cfg.score.gamma, "residual": cfg.score.residual,
+            "train_digest": markers_digest(train_markers),
             "query_digest": markers_digest(q_markers),
             "fingerprint_hash": store.root.attrs["fingerprint_hash"]})
         paths = write_topk_csv(cfg.reports_dir / name, qsplit.uids(), train_uids, best)

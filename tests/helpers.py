@@ -37,6 +37,7 @@ rows_per_unit = {rows_per_unit}
 [score]
 methods = {methods}
 damping = {damping}
+gamma = {gamma}
 topk = 5
 """
 
@@ -55,7 +56,7 @@ def write_config(path: Path, model_dir: Path, **overrides) -> Path:
                   readouts=("loss", "square", "mean"), timesteps=4, noise_draws=1,
                   normalize="false", dtype="float32", batch_size=8, dim=64,
                   store=path.parent / "store.zarr", rows_per_unit=16,
-                  methods=("trak", "dtrak", "das"), damping=0.01)
+                  methods=("trak", "dtrak", "das"), damping=0.01, gamma=1.0)
     values.update(overrides)
     values["queries"] = "\n".join(f'{k} = "{v}"' for k, v in values["queries"].items())
     values["readouts"] = _toml_list(values["readouts"])
