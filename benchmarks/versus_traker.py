@@ -43,8 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
+from das_pipeline.config import ScoreConfig
+
 HERE = Path(__file__).resolve().parent
-GRID = [float(f"{10 ** (e / 2):.6g}") for e in range(-10, 9)]  # 1e-5 .. 1e4, half decades
+GRID = [float(c) for c in np.logspace(-5, 4, 19)]  # = das_pipeline.lds_sweep.DEFAULT_GRID
 DIGITS_RECIPE = {"widths": [8, 16], "attention": False, "num_train_timesteps": 1000, "steps": 200,
                  "batch_size": 64, "lr": 3e-3, "seed": 0}  # benchmarks/lds_digits (FULL)
 TRAKER_METHODS = ("trak", "dtrak")
@@ -78,6 +80,7 @@ rows_per_unit = {batch}
 methods = ["trak", "dtrak", "das"]
 damping = {damping}
 gamma = {gamma}
+residual = "{residual}"
 """
 
 
@@ -94,8 +97,9 @@ class Setup:
     dim: int = 2048
     proj_seed: int = 0
     batch: int = 64
-    damping: float = 0.01
-    gamma: float = 1.0
+    damping: float = ScoreConfig.damping
+    gamma: float = ScoreConfig.gamma
+    residual: str = ScoreConfig.residual
     grid: list[float] = field(default_factory=lambda: list(GRID))
     das_kinds: list[str] = field(default_factory=lambda: ["rademacher", "sjlt"])
     traker_half: bool = False
@@ -207,7 +211,8 @@ def das_score(job: dict) -> dict:
         markers = split.require_complete()
         units = [split.read_unit(u, readouts, markers[u]) for u in range(split.num_units)]
         feats = {r: torch.from_numpy(np.concatenate([d.features[r] for d in units])) for r in readouts}
-        return feats, torch.from_numpy(np.concatenate([d.residual for d in units]))
+        weight = [d.rho if cfg.score.residual == "rho" else d.residual for d in units]
+        return feats, torch.from_numpy(np.concatenate(weight))
 
     train_feats, residual = read(store.split("train"))
     for name in s.queries:
@@ -301,7 +306,7 @@ def setup_from_args(args, out: Path) -> Setup:
         s = Setup(model=str(cfg.model.path), train=cfg.data.train, queries=dict(cfg.data.queries),
                   timesteps=f.timesteps, noise_draws=f.noise_draws, noise_seed=f.seed,
                   dim=cfg.projection.dim, proj_seed=cfg.projection.seed, batch=f.batch_size,
-                  damping=cfg.score.damping, gamma=cfg.score.gamma)
+                  damping=cfg.score.damping, gamma=cfg.score.gamma, residual=cfg.score.residual)
     else:
         queries = {"val": "digits[1500:1564]"}
         if lds_dir is not None and (lds_dir / "gen_png").is_dir():
@@ -377,7 +382,8 @@ def write_das_config(s: Setup, v: dict) -> Path:
     path.write_text(CONFIG.format(model=s.model, train=s.train, queries=queries, timesteps=s.timesteps,
                                   noise_draws=s.noise_draws, noise_seed=s.noise_seed, batch=s.batch,
                                   dim=s.dim, proj_seed=s.proj_seed, kind=v["kind"],
-                                  store=work / "store.zarr", damping=s.damping, gamma=s.gamma))
+                                  store=work / "store.zarr", damping=s.damping, gamma=s.gamma,
+                                  residual=s.residual))
     return path
 
 
@@ -491,22 +497,68 @@ def agreement(s: Setup, out: Path, has_exact: bool) -> dict:
     return res
 
 
-def lds(s: Setup, out: Path, lds_dir: Path | None) -> dict | str:
-    """LDS (damping chosen on one half of the queries, reported on the other) of every method of both
-    tools, from the evaluation toolchain and a benchmarks/lds_digits run; a reason string if absent."""
-    try:
-        from das_pipeline.lds import load_subsets, load_truth  # noqa: F401
-        from das_pipeline.lds_sweep import choose_damping  # noqa: F401
-    except ImportError:
-        return "no evaluation toolchain (das_pipeline.lds, branch eval) in this checkout"
-    if lds_dir is None or not (lds_dir / "subsets.npz").is_file() or not (lds_dir / "truth").is_dir():
-        return (f"no LDS ground truth at {lds_dir}: run benchmarks/lds_digits/run.py --out "
-                f"{lds_dir} first (its subsets, retrained models and truth are reused)")
-    return lds_from_truth(s, out, lds_dir)
+def lds(s: Setup, out: Path, lds_dir: Path | None, has_exact: bool) -> dict | str:
+    """LDS of every method of both tools (and of the exact scores), damping chosen on one half of
+    each query set and reported on the other, with the evaluation toolchain (das_pipeline.lds)
+    and the subsets and retrained-model truth of a benchmarks/lds_digits run; else a reason."""
+    from das_pipeline.lds import load_subsets, load_truth, query_halves, subset_predictions
+    from das_pipeline.lds_sweep import choose_damping, match_queries, subsets_for_truth
+
+    if lds_dir is None or not (lds_dir / "subsets.npz").is_file():
+        return (f"no LDS ground truth at {lds_dir}: run `python benchmarks/lds_digits/run.py --out "
+                f"{lds_dir}` first (this benchmark reuses its subsets, retrained models and truth)")
+    subsets = load_subsets(lds_dir / "subsets.npz")
+    train_uids = [str(u) for u in np.load(out / "inputs" / "train.npz")["uids"]]
+    if subsets.train_uids != train_uids:
+        return f"the subsets in {lds_dir} were drawn over another training set than {s.train!r}"
+    names = [f"traker-{m}" for m in TRAKER_METHODS] + [f"das-{k}" for k in s.das_kinds]
+    names += ["exact"] if has_exact else []
+    res = {}
+    for split in s.queries:
+        path = lds_dir / "truth" / f"{split}.npz"
+        if not path.is_file():
+            continue
+        F, truth_uids, rows = load_truth(path)
+        uids = [str(u) for u in np.load(out / "inputs" / f"{split}.npz")["uids"]]
+        F = match_queries(truth_uids, uids, F, len(uids), f"query set {split!r}")
+        mask = subsets_for_truth(subsets.mask_MN, rows)
+        select, report = query_halves(len(uids), 0)
+        for name in names:
+            for method, scores_CQN in load_scores(out, name, split).items():
+                pred_CQM = np.stack([subset_predictions(sc, mask) for sc in scores_CQN])
+                res[f"{method}/{split}/{name}"] = asdict(
+                    choose_damping(pred_CQM, F, s.grid, select, report, f"{name} {method}"))
+    if not res:
+        return f"no truth files for the query sets {list(s.queries)} in {lds_dir / 'truth'}"
+    return res
 
 
-def lds_from_truth(s: Setup, out: Path, lds_dir: Path) -> dict:
-    raise NotImplementedError("LDS columns: pending the merge of the evaluation toolchain")
+def lds_table(s: Setup, res: dict) -> tuple[list[str], dict]:
+    """Markdown lines of the LDS table and the D-TRAK equality check per das kind and query set."""
+    splits = sorted({key.split("/")[1] for key in res}, key=list(s.queries).index)
+    names = [n for n in ["traker"] + [f"das-{k}" for k in s.das_kinds] + ["exact"]
+             if any(key.split("/")[2].startswith(n) for key in res)]
+    lines = ["LDS x 100 on the report half of each query set, mean [bootstrap 95% interval] (relative "
+             "damping chosen on the other half); `exact` = unprojected gradients (not a tool):", "",
+             "| method | query set | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    check = {}
+    for method in DAS_METHODS:
+        for split in splits:
+            cells = []
+            for n in names:
+                r = res.get(f"{method}/{split}/{n}" if n != "traker" else f"{method}/{split}/traker-{method}")
+                cells.append("n/a" if r is None else
+                             f"{100 * r['report']['mean']:.1f} [{100 * r['report']['lo']:.1f}, "
+                             f"{100 * r['report']['hi']:.1f}] (c = {r['chosen']:g})")
+            if cells.count("n/a") < len(cells):
+                lines.append(f"| {method} | {split} | " + " | ".join(cells) + " |")
+    for kind in s.das_kinds:
+        for split in splits:
+            a = res[f"dtrak/{split}/das-{kind}"]["report"]
+            b = res[f"dtrak/{split}/traker-dtrak"]["report"]
+            check[f"{kind}/{split}"] = bool(b["lo"] <= a["mean"] <= b["hi"]
+                                            and a["lo"] <= b["mean"] <= a["hi"])
+    return lines, check
 
 
 def grid_index(s: Setup, c: float) -> int:
@@ -583,7 +635,7 @@ def table(s: Setup, rows: dict, sizes: dict, agree: dict, tgt: dict, lds_res) ->
         lines.append(f"- das-pipeline ({kind}): speed {sp} (target >= 5x: "
                      f"{'met' if t['speed_met (>= 5)'] else 'not met'}); memory {mem} (target <= 0.5: "
                      f"{'met' if t['memory_met (<= 0.5)'] else 'not met'})")
-    shown = sorted({grid_index(s, c) for c in (s.damping, 1.0, 100.0)})
+    shown = sorted({grid_index(s, c) for c in (0.01, s.damping, 100.0)})
     lines += ["", "Per-query Spearman correlation over the training rows, mean (min over queries), "
               "by relative damping c; `exact` = unprojected gradients at the same lambda:", "",
               "| method / query set / pair | " + " | ".join(f"c = {s.grid[i]:g}" for i in shown) + " |",
@@ -595,7 +647,9 @@ def table(s: Setup, rows: dict, sizes: dict, agree: dict, tgt: dict, lds_res) ->
     if isinstance(lds_res, str):
         lines.append(f"LDS: not measured ({lds_res}).")
     else:
-        lines.append(lds_res["table"])
+        lds_lines, check = lds_table(s, lds_res)
+        lines += lds_lines + ["", "D-TRAK LDS equal to traker's (each mean inside the other's interval): "
+                              + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in check.items())]
     return "\n".join(lines)
 
 
@@ -615,6 +669,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch/OMP threads of every worker (default 1)")
     ap.add_argument("--device", help="cpu (default) or cuda (traker: fast-jl if installed)")
     ap.add_argument("--das-kinds", help="our projection kinds, comma-separated (default rademacher,sjlt)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="redo the tables from the worker results and scores already in --out")
     ap.add_argument("--traker-half", action="store_true",
                     help="traker's default float16 storage and projection (default here: float32)")
     args = ap.parse_args(argv)
@@ -626,20 +682,28 @@ def main(argv=None) -> int:
         raise SystemExit("traker is not installed: .venv/bin/pip install -c constraints.txt "
                          "traker==0.3.2 (pure Python; or pip install -e '.[dev]')") from None
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for sub in ("work", "scores", "jobs", "logs"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    s = setup_from_args(args, out)
-    (out / "setup.json").write_text(json.dumps(asdict(s), indent=1))
-    sizes = export_inputs(s, out / "inputs")
     started = time.perf_counter()
-    runs = run_rounds(s, out, args.rounds)
+    if args.report_only:
+        s = Setup(**json.loads((out / "setup.json").read_text()))
+        sizes = json.loads((out / "sizes.json").read_text())
+        runs = json.loads((out / "runs.json").read_text())
+        shutil.rmtree(out / "scores" / "exact", ignore_errors=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for sub in ("work", "scores", "jobs", "logs"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        s = setup_from_args(args, out)
+        (out / "setup.json").write_text(json.dumps(asdict(s), indent=1))
+        sizes = export_inputs(s, out / "inputs")
+        (out / "sizes.json").write_text(json.dumps(sizes))
+        runs = run_rounds(s, out, args.rounds)
+        (out / "runs.json").write_text(json.dumps(runs, indent=1))
     rows = summarize_runs(s, runs, sizes)
     has_exact = exact_scores(s, out, sizes)
     agree = agreement(s, out, has_exact)
     tgt = targets(s, rows)
     lds_dir = Path(args.lds_dir).resolve() if args.lds_dir else None
-    lds_res = lds(s, out, lds_dir)
+    lds_res = lds(s, out, lds_dir, has_exact)
     import platform
 
     import torch
