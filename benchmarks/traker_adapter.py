@@ -29,7 +29,7 @@ import torch
 from trak import TRAKer
 from trak.modelout_functions import AbstractModelOutput
 
-from das_pipeline.features import FeatureSpec, item_grid, keyed_noise
+from das_pipeline.features import FeatureSpec, item_grid, keyed_noise, math_attention
 
 READOUT_OF = {"trak": "loss", "dtrak": "square"}
 
@@ -66,11 +66,17 @@ def noised_inputs(x_BCHW: torch.Tensor, uids: list[str], scheduler, spec: Featur
 
 
 def make_traker(unet, method: str, num_train: int, save_dir: Path, dim: int, proj_seed: int,
-                device: str = "cpu", half: bool = False) -> TRAKer:
-    """A TRAKer for ``method`` (trak or dtrak) over all UNet parameters, resuming ``save_dir``."""
+                device: str = "cpu", half: bool = False, projector=None,
+                grad_wrt: list[str] | None = None) -> TRAKer:
+    """A TRAKer for ``method`` (trak or dtrak), resuming ``save_dir``.
+
+    ``projector`` None: traker's own choice (Gaussian BasicProjector on CPU, fast-jl on CUDA).
+    ``grad_wrt``: attributed parameter names (default: all).
+    """
     return TRAKer(model=unet, task=DiffusionReadout(READOUT_OF[method]), train_set_size=num_train,
                   save_dir=str(save_dir), device=device, proj_dim=dim, projector_seed=proj_seed,
-                  use_half_precision=half, logging_level=logging.ERROR)
+                  use_half_precision=half, logging_level=logging.ERROR, projector=projector,
+                  grad_wrt=grad_wrt)
 
 
 def featurize(traker: TRAKer, unet, scheduler, x_NCHW, uids, spec: FeatureSpec, batch: int,
@@ -80,7 +86,8 @@ def featurize(traker: TRAKer, unet, scheduler, x_NCHW, uids, spec: FeatureSpec, 
     for lo in range(0, len(uids), batch):
         hi = min(len(uids), lo + batch)
         inputs = [t.to(device) for t in noised_inputs(x_NCHW[lo:hi], uids[lo:hi], scheduler, spec)]
-        traker.featurize(batch=inputs, num_samples=hi - lo)
+        with math_attention():
+            traker.featurize(batch=inputs, num_samples=hi - lo)
 
 
 def absolute_damping(traker: TRAKer, c: float) -> float:
@@ -108,7 +115,8 @@ def featurize_queries(traker: TRAKer, unet, scheduler, name: str, x_QCHW, uids, 
     for lo in range(0, len(uids), batch):
         hi = min(len(uids), lo + batch)
         inputs = [t.to(device) for t in noised_inputs(x_QCHW[lo:hi], uids[lo:hi], scheduler, spec)]
-        traker.score(batch=inputs, num_samples=hi - lo)
+        with math_attention():
+            traker.score(batch=inputs, num_samples=hi - lo)
 
 
 def scores(traker: TRAKer, name: str) -> np.ndarray:
