@@ -215,17 +215,18 @@ def das_score(job: dict) -> dict:
         return feats, torch.from_numpy(np.concatenate(weight))
 
     train_feats, residual = read(store.split("train"))
-    for name in s.queries:
-        q_feats, _ = read(store.split(name))
-        out = {m: [] for m in DAS_METHODS}
-        for c in s.grid:
-            lams = {r: f.damping(c) for r, f in factors.items()}
-            precond = {r: factors[r].solve(q_feats[r].T, lams[r]) for r in readouts}
-            lev = factors["mean"].leverage(train_feats["mean"], lams["mean"])
+    q_feats = {name: read(store.split(name))[0] for name in s.queries}
+    out = {name: {m: [] for m in DAS_METHODS} for name in s.queries}
+    for c in s.grid:
+        lams = {r: f.damping(c) for r, f in factors.items()}
+        lev = factors["mean"].leverage(train_feats["mean"], lams["mean"])
+        for name in s.queries:
+            precond = {r: factors[r].solve(q_feats[name][r].T, lams[r]) for r in readouts}
             block = score_block(train_feats, precond, residual, lev, DAS_METHODS, cfg.score.gamma)
             for m in DAS_METHODS:
-                out[m].append(block[m].numpy().astype(np.float32))
-        np.savez(Path(job["scores"]) / f"{name}.npz", **{m: np.stack(v) for m, v in out.items()})
+                out[name][m].append(block[m].numpy().astype(np.float32))
+    for name, per_method in out.items():
+        np.savez(Path(job["scores"]) / f"{name}.npz", **{m: np.stack(v) for m, v in per_method.items()})
     return {"seconds": {"featurize_queries": t1 - t0, "finalize_score": t2 - t1,
                         "sweep": time.perf_counter() - t2},
             "samples": {"queries": summary["samples"]}}
@@ -271,25 +272,28 @@ def run_worker(job_path: str) -> int:
 # ------------------------------------------------------------------------------------ parent
 
 
-def ensure_digits_model(out: Path, lds_dir: Path | None) -> Path:
-    """The LDS benchmark's base model: from --lds-dir when it has one, else trained here (~1 min)."""
-    if lds_dir is not None and (lds_dir / "base_model" / "unet").is_dir():
+def ensure_digits_model(out: Path, lds_dir: Path | None, recipe: dict) -> Path:
+    """The LDS benchmark's base model: from --lds-dir when it has one with this recipe, else
+    trained here with it (about a minute for the benchmark's widths on 2 cores)."""
+    if lds_dir is not None and (lds_dir / "base_model" / "das_recipe.json").is_file() and \
+            json.loads((lds_dir / "base_model" / "das_recipe.json").read_text()) == recipe:
         return lds_dir / "base_model"
     from das_pipeline.data import open_dataset
     from das_pipeline.recipe import ddpm_scheduler, save_pipeline, tiny_unet, train_ddpm
 
-    folder = out / "base_model"
+    widths = "-".join(map(str, recipe["widths"])) + ("a" if recipe["attention"] else "")
+    folder = out.parent / f"versus_traker_models/w{widths}"
     stamp = folder / "das_recipe.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == DIGITS_RECIPE:
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return folder
-    r = DIGITS_RECIPE
+    r = recipe
     train = open_dataset("train", "digits[0:300]")
     unet = tiny_unet(8, 1, tuple(r["widths"]), r["attention"], seed=r["seed"])
     scheduler = ddpm_scheduler(r["num_train_timesteps"])
     train_ddpm(unet, scheduler, train.load(0, len(train)), r["steps"], seed=r["seed"],
                batch_size=r["batch_size"], lr=r["lr"], show_progress=False)
     save_pipeline(unet, scheduler, folder)
-    stamp.write_text(json.dumps(DIGITS_RECIPE))
+    stamp.write_text(json.dumps(recipe))
     return folder
 
 
@@ -311,7 +315,12 @@ def setup_from_args(args, out: Path) -> Setup:
         queries = {"val": "digits[1500:1564]"}
         if lds_dir is not None and (lds_dir / "gen_png").is_dir():
             queries["gen"] = str(lds_dir / "gen_png")
-        s = Setup(model=str(ensure_digits_model(out, lds_dir)), train="digits[0:300]", queries=queries)
+        recipe = dict(DIGITS_RECIPE)
+        if args.widths:
+            recipe["widths"] = [int(w) for w in args.widths.split(",")]
+        recipe["attention"] = bool(args.attention)
+        s = Setup(model=str(ensure_digits_model(out, lds_dir, recipe)), train="digits[0:300]",
+                  queries=queries)
     for key in ("timesteps", "dim", "batch", "threads", "device", "damping"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
@@ -430,12 +439,12 @@ def load_scores(out: Path, name: str, split: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def exact_scores(s: Setup, out: Path, sizes: dict[str, int], limit_bytes: float = 2e9) -> bool:
+def exact_scores(s: Setup, out: Path, sizes: dict[str, int], limit_bytes: float = 1e9) -> bool:
     """Unprojected TRAK / D-TRAK scores (the k -> infinity limit both tools estimate) at every damping.
 
     Same absolute lambda = c * trace(G) / k as the projected runs (JL preserves the trace), solved
     through the N x N kernel: scores = (g_q A^T) (A A^T + lambda I)^-1. Skipped (returns False)
-    when the (N + Q) x p gradients of a readout would exceed ``limit_bytes`` in float32.
+    when the (N + Q) x p float64 gradients of the two readouts would exceed ``limit_bytes``.
     """
     import torch
 
@@ -445,7 +454,7 @@ def exact_scores(s: Setup, out: Path, sizes: dict[str, int], limit_bytes: float 
 
     model = load_model(s.model)
     num_params = sum(p.numel() for p in model.unet.parameters())
-    if sum(sizes.values()) * num_params * 4 > limit_bytes:
+    if sum(sizes.values()) * num_params * 2 * 8 > limit_bytes:
         return False
     spec = FeatureSpec(("loss", "square"), s.timesteps, s.noise_draws, s.noise_seed)
 
@@ -507,6 +516,9 @@ def lds(s: Setup, out: Path, lds_dir: Path | None, has_exact: bool) -> dict | st
     if lds_dir is None or not (lds_dir / "subsets.npz").is_file():
         return (f"no LDS ground truth at {lds_dir}: run `python benchmarks/lds_digits/run.py --out "
                 f"{lds_dir}` first (this benchmark reuses its subsets, retrained models and truth)")
+    if Path(s.model).resolve() != (lds_dir / "base_model").resolve():
+        return (f"the attributed model {s.model} is not {lds_dir / 'base_model'}, whose retrained "
+                f"subsets define the truth in {lds_dir}")
     subsets = load_subsets(lds_dir / "subsets.npz")
     train_uids = [str(u) for u in np.load(out / "inputs" / "train.npz")["uids"]]
     if subsets.train_uids != train_uids:
@@ -662,6 +674,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lds-dir", default="runs/lds_digits",
                     help="a benchmarks/lds_digits run: its base model, generated queries and LDS truth")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are reported)")
+    ap.add_argument("--widths", help="digits benchmark UNet block widths (default 8,16: the LDS "
+                    "benchmark's model; others are trained here with its recipe, without LDS)")
+    ap.add_argument("--attention", action="store_true", help="with --widths: an attention level")
     ap.add_argument("--timesteps", type=int, help="K (default: config, or 10)")
     ap.add_argument("--dim", type=int, help="k (default: config, or 2048)")
     ap.add_argument("--batch", type=int, help="samples per batch, both tools (default: config, or 64)")
