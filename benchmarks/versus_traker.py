@@ -132,7 +132,8 @@ def traker_featurize(job: dict) -> dict:
     traker = make_traker(unet, job["method"], len(uids), Path(job["work"]), s.dim, s.proj_seed,
                          s.device, s.traker_half)
     featurize(traker, unet, scheduler, x, uids, spec, s.batch, s.device)
-    return {"seconds": {"featurize": time.perf_counter() - t0}, "samples": {"train": len(uids)}}
+    return {"seconds": {"featurize": time.perf_counter() - t0}, "samples": {"train": len(uids)},
+            "projector": type(traker.projector).__name__}
 
 
 def traker_score(job: dict) -> dict:
@@ -265,6 +266,9 @@ def run_worker(job_path: str) -> int:
     result = WORKERS[(job["tool"], job["stage"])](job)
     result["base_rss_kb"] = base
     result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if torch.cuda.is_available():
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["device_name"] = torch.cuda.get_device_name()
     Path(job["result"]).write_text(json.dumps(result))
     return 0
 
@@ -596,6 +600,10 @@ def summarize_runs(s: Setup, runs: dict, sizes: dict[str, int]) -> dict:
             row["featurize_queries_ms_per_sample"] = 1e3 * secs["featurize_queries"] / num_queries
             row["finalize_score_s"] = secs["finalize_score"]
             row["sweep_s"] = secs["sweep"]
+        if "projector" in per_round[0]:
+            row["projector"] = per_round[0]["projector"]
+        if "peak_cuda_mb" in per_round[0]:
+            row[f"peak_cuda_mb_{stage}"] = median([r["peak_cuda_mb"] for r in per_round])
         row[f"peak_rss_mb_{stage}"] = median([r["peak_rss_kb"] for r in per_round]) / 1024
         row[f"growth_rss_mb_{stage}"] = median([r["peak_rss_kb"] - r["base_rss_kb"]
                                                 for r in per_round]) / 1024
@@ -628,10 +636,12 @@ def table(s: Setup, rows: dict, sizes: dict, agree: dict, tgt: dict, lds_res) ->
              f"| finalize + score, s | sweep of {len(s.grid)} dampings, s | peak RSS featurize, MB (growth) "
              "| peak RSS score, MB (growth) |",
              "|---|---|---|---|---|---|---|---|"]
-    proj = "Gaussian, regenerated per call" if s.device == "cpu" else "fast-jl"
+    labels = {"BasicProjector": "Gaussian, regenerated per call", "CudaProjector": "fast-jl",
+              "ChunkedCudaProjector": "fast-jl, chunked"}
     for name, row in rows.items():
-        tool = f"traker 0.3.2 ({proj})" if name.startswith("traker") else \
-            f"das-pipeline ({name.split('-', 1)[1]})"
+        projector = row.get("projector", "BasicProjector" if s.device == "cpu" else "?")
+        tool = (f"traker 0.3.2 ({labels.get(projector, projector)})"
+                if name.startswith("traker") else f"das-pipeline ({name.split('-', 1)[1]})")
         methods = name.split("-", 1)[1] if name.startswith("traker") else "trak + dtrak + das"
         lines.append(
             f"| {tool} | {methods} | {row['featurize_ms_per_sample']:.1f} | "
@@ -639,6 +649,10 @@ def table(s: Setup, rows: dict, sizes: dict, agree: dict, tgt: dict, lds_res) ->
             f"{row['sweep_s']:.2f} | {row['peak_rss_mb_featurize']:.0f} "
             f"({row['growth_rss_mb_featurize']:.0f}) | {row['peak_rss_mb_score']:.0f} "
             f"({row['growth_rss_mb_score']:.0f}) |")
+    if any("peak_cuda_mb_featurize" in row for row in rows.values()):
+        lines += ["", "Peak CUDA memory allocated, MB (featurize / score): " + ", ".join(
+            f"{name} {row.get('peak_cuda_mb_featurize', 0):.0f} / {row.get('peak_cuda_mb_score', 0):.0f}"
+            for name, row in rows.items())]
     lines += ["", "Targets, per das-pipeline projection: featurisation speed = traker's time for one "
               "method / ours for all three readouts (target >= 5, i.e. >= 15 per method); peak RSS = ours / "
               "traker's per process (target <= 0.5):", ""]
