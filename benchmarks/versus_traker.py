@@ -97,6 +97,9 @@ class Setup:
     dim: int = 2048
     proj_seed: int = 0
     batch: int = 64
+    das_batch: int = 0
+    """das-pipeline's batch size if not ``batch`` (0): operational for us (no effect on results),
+    while traker regenerates its matrix per batch and so wants large ones."""
     damping: float = ScoreConfig.damping
     gamma: float = ScoreConfig.gamma
     residual: str = ScoreConfig.residual
@@ -178,17 +181,21 @@ def traker_score(job: dict) -> dict:
 
 
 def das_featurize(job: dict) -> dict:
+    from das_pipeline import dist
     from das_pipeline.config import load_config
     from das_pipeline.extract import run_extract
 
+    s = Setup(**job["setup"])
     t0 = time.perf_counter()
-    summary = run_extract(load_config(job["config"]), splits=["train"], show_progress=False)
+    summary = run_extract(load_config(job["config"]), splits=["train"], rank=dist.current(s.device),
+                          show_progress=False)
     return {"seconds": {"featurize": time.perf_counter() - t0}, "samples": {"train": summary["samples"]}}
 
 
 def das_score(job: dict) -> dict:
     import torch
 
+    from das_pipeline import dist
     from das_pipeline.config import load_config
     from das_pipeline.extract import run_extract
     from das_pipeline.reduce import load_factor, run_reduce
@@ -198,10 +205,10 @@ def das_score(job: dict) -> dict:
     cfg = load_config(job["config"])
     s = Setup(**job["setup"])
     t0 = time.perf_counter()
-    summary = run_extract(cfg, splits=list(s.queries), show_progress=False)
+    summary = run_extract(cfg, splits=list(s.queries), rank=dist.current(s.device), show_progress=False)
     t1 = time.perf_counter()
-    run_reduce(cfg, show_progress=False)
-    run_score(cfg, show_progress=False)
+    run_reduce(cfg, show_progress=False, device=s.device)
+    run_score(cfg, show_progress=False, device=s.device)
     t2 = time.perf_counter()
     # The damping sweep: one stored factor per readout, every value O(k^2) + one product.
     store = Store.open_existing(cfg.store.path)
@@ -325,11 +332,15 @@ def setup_from_args(args, out: Path) -> Setup:
         recipe["attention"] = bool(args.attention)
         s = Setup(model=str(ensure_digits_model(out, lds_dir, recipe)), train="digits[0:300]",
                   queries=queries)
-    for key in ("timesteps", "dim", "batch", "threads", "device", "damping"):
+    for key in ("timesteps", "dim", "batch", "das_batch", "threads", "device", "damping"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if args.das_kinds:
         s.das_kinds = args.das_kinds.split(",")
+    if args.grid:
+        s.grid = [float(c) for c in args.grid.split(",")]
+        if s.damping not in s.grid:
+            raise ValueError(f"--grid {args.grid}: include the one-damping value {s.damping}")
     s.traker_half = args.traker_half
     from das_pipeline.models import load_model
 
@@ -393,7 +404,8 @@ def write_das_config(s: Setup, v: dict) -> Path:
     queries = "\n".join(f'{k} = "{src}"' for k, src in s.queries.items())
     path = work.parent / f"{v['name']}.toml"
     path.write_text(CONFIG.format(model=s.model, train=s.train, queries=queries, timesteps=s.timesteps,
-                                  noise_draws=s.noise_draws, noise_seed=s.noise_seed, batch=s.batch,
+                                  noise_draws=s.noise_draws, noise_seed=s.noise_seed,
+                                  batch=s.das_batch or s.batch,
                                   dim=s.dim, proj_seed=s.proj_seed, kind=v["kind"],
                                   store=work / "store.zarr", damping=s.damping, gamma=s.gamma,
                                   residual=s.residual))
@@ -629,7 +641,9 @@ def targets(s: Setup, rows: dict) -> dict:
 def table(s: Setup, rows: dict, sizes: dict, agree: dict, tgt: dict, lds_res) -> str:
     qs = " + ".join(f"{sizes[q]} {q}" for q in s.queries)
     lines = [f"N = {sizes['train']} train, Q = {qs} queries, K = {s.timesteps} timesteps x "
-             f"{s.noise_draws} draw, k = {s.dim}, batch {s.batch}, {s.threads} thread(s), device "
+             f"{s.noise_draws} draw, k = {s.dim}, batch {s.batch}"
+             + (f" (das-pipeline {s.das_batch})" if s.das_batch else "")
+             + f", {s.threads} thread(s), device "
              f"{s.device}, damping grid of {len(s.grid)} values (one-damping columns: c = {s.damping}).",
              "",
              "| tool (projection) | methods | featurize train, ms/sample | featurize queries, ms/sample "
@@ -695,7 +709,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timesteps", type=int, help="K (default: config, or 10)")
     ap.add_argument("--dim", type=int, help="k (default: config, or 2048)")
     ap.add_argument("--batch", type=int, help="samples per batch, both tools (default: config, or 64)")
+    ap.add_argument("--das-batch", type=int, help="das-pipeline's batch size if not --batch (operational)")
     ap.add_argument("--damping", type=float, help="relative damping of the one-damping columns")
+    ap.add_argument("--grid", help="relative damping grid, comma-separated (default: 19 values 1e-5..1e4, "
+                    "as benchmarks/lds_digits)")
     ap.add_argument("--threads", type=int, help="torch/OMP threads of every worker (default 1)")
     ap.add_argument("--device", help="cpu (default) or cuda (traker: fast-jl if installed)")
     ap.add_argument("--das-kinds", help="our projection kinds, comma-separated (default rademacher,sjlt)")
