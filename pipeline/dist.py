@@ -3,17 +3,29 @@
 Rank plan (DESIGN.md section 3): under a Slurm job array each array task runs ``L`` local
 processes (accelerate launch / torchrun); global rank = task_id * L + local_rank, world =
 num_tasks * L. Unit u belongs to rank u mod world. No communication is needed.
+
+Launchers: ``accelerate launch --multi_gpu --num_processes L`` and ``torchrun
+--nproc_per_node L`` start L processes and set WORLD_SIZE / RANK; on a machine without CUDA
+the accelerate state is created with ``cpu=True`` so that CPU processes are distinct ranks.
+``accelerate launch --cpu --num_processes L`` starts ONE process (multi-CPU goes through MPI
+there) and is refused with the fix, instead of silently running the whole plan L times.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request, run me again"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Where ``DAS_FAULT=name:n`` can kill a worker, in the order one unit passes them.
+FAULT_POINTS = ("claim", "after_cache", "batch", "before_write", "mid_write", "before_marker",
+                "after_unit", "partial")
+_MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -28,29 +40,60 @@ class RankInfo:
         return self.rank == 0
 
 
+def _launcher_world() -> int:
+    """Processes the launcher started on this node (1 without a launcher).
+
+    Raises:
+        ValueError: the environment shows ``accelerate launch --cpu --num_processes N>1``.
+    """
+    env = os.environ
+    mpi = [int(env[v]) for v in _MPI_WORLD_VARS if v in env]
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if mpi:
+        return mpi[0]
+    if env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env:
+        raise ValueError(
+            "`accelerate launch --cpu --num_processes N` started a single process (accelerate runs "
+            "several CPU processes only through mpirun), so N ranks would not exist; use "
+            "`accelerate launch --multi_gpu --num_processes N` (CPU is detected) or `torchrun "
+            "--nproc_per_node N` instead")
+    return 1
+
+
 def current(device: str | None = None) -> RankInfo:
     """This process's place in the run, from launcher and Slurm environment variables.
 
-    Under ``accelerate launch``/``torchrun`` (WORLD_SIZE set) accelerate's PartialState is
-    created with ``cpu=True`` when CUDA is absent, so CPU processes really are distinct ranks.
+    Under a launcher (WORLD_SIZE > 1) accelerate's PartialState is created with ``cpu=True``
+    when CUDA is absent: a plain ``Accelerator()`` would make every CPU process rank 0 of 1.
+    ``DAS_ARRAY_TASKS`` / ``DAS_ARRAY_TASK_ID`` (set by the rendered sbatch scripts) take
+    precedence over Slurm's own array variables.
+
+    Raises:
+        ValueError: inconsistent launcher or array-task environment (message has the fix).
     """
-    local_world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    local_world = _launcher_world()
+    local_rank = 0
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if local_world > 1:
         from accelerate import PartialState
 
         state = PartialState(cpu=not use_cuda)
-        local_world, local_rank = state.num_processes, state.process_index
+        if state.num_processes != local_world:
+            raise ValueError(f"the launcher started {local_world} processes but accelerate sees "
+                             f"{state.num_processes}; launch with `accelerate launch --multi_gpu` "
+                             f"or `torchrun`, not a single-process launcher")
+        local_rank = state.process_index
         dev = state.device
     else:
         dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     if device is not None and not device.startswith("cuda"):
         dev = torch.device(device)
-    num_tasks = int(os.environ.get("DAS_ARRAY_TASKS", os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")))
-    task = int(os.environ.get("DAS_ARRAY_TASK_ID", os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
-    if "SLURM_ARRAY_TASK_MIN" in os.environ and "DAS_ARRAY_TASK_ID" not in os.environ:
-        task -= int(os.environ["SLURM_ARRAY_TASK_MIN"])
+    env = os.environ
+    num_tasks = int(env.get("DAS_ARRAY_TASKS", env.get("SLURM_ARRAY_TASK_COUNT", "1")))
+    task = int(env.get("DAS_ARRAY_TASK_ID", env.get("SLURM_ARRAY_TASK_ID", "0")))
+    if "SLURM_ARRAY_TASK_MIN" in env and "DAS_ARRAY_TASK_ID" not in env:
+        task -= int(env["SLURM_ARRAY_TASK_MIN"])
     if not 0 <= task < num_tasks:
         raise ValueError(f"array task id {task} is outside [0, {num_tasks}); set DAS_ARRAY_TASKS "
                          f"and DAS_ARRAY_TASK_ID consistently")
@@ -58,19 +101,35 @@ def current(device: str | None = None) -> RankInfo:
 
 
 def owned_units(num_units: int, info: RankInfo) -> list[int]:
+    """The units rank ``info.rank`` of ``info.world`` extracts: u with u mod world == rank."""
     return list(range(info.rank, num_units, info.world))
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm preemption and --signal); checked between batches."""
+    """Set by SIGTERM / SIGUSR1 (Slurm preemption and --signal); checked between batches.
+
+    Use as a context manager so that the previous handlers come back when the work ends.
+    """
 
     def __init__(self):
         self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
     def install(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopFlag:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -84,12 +143,31 @@ class Preempted(RuntimeError):
 
 
 def fault_point(name: str) -> None:
-    """Test hook: ``DAS_FAULT=name:n`` sends SIGKILL to this process the n-th time it gets here."""
+    """Test hook: ``DAS_FAULT=name:n`` sends SIGKILL to this process the n-th time it gets here.
+
+    With ``DAS_FAULT_TASK=i`` only the processes of array task i (DAS_ARRAY_TASK_ID) are hit.
+    """
     spec = os.environ.get("DAS_FAULT")
     if not spec or not spec.startswith(name + ":"):
         return
+    task = os.environ.get("DAS_FAULT_TASK")
+    if task is not None and task != os.environ.get("DAS_ARRAY_TASK_ID"):
+        return
+    assert name in FAULT_POINTS, name
     counter = f"_DAS_FAULT_COUNT_{name}"
     count = int(os.environ.get(counter, "0")) + 1
     os.environ[counter] = str(count)
     if count == int(spec.split(":", 1)[1]):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def torch_threads(num: int):
+    """Run a block with ``num`` intra-op threads, restoring the previous count afterwards
+    (a worker that pins itself to 1 thread must not slow down the rest of its process)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

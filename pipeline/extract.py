@@ -4,6 +4,10 @@ Each rank takes the units it owns (``dist.owned_units``), skips marked ones, and
 claim -> [text-conditioned models: VAE latents and caption embeddings, from the unit's cache or
 encoded once and cached] -> features of its rows (batches of ``features.batch_size``) -> write
 chunks -> marker. A stop signal between batches drops the unit unmarked and raises ``Preempted``.
+Rank 0 alone creates the store and its splits; other ranks wait for them. Zarr writes each
+chunk to a temporary file and renames it, so a worker killed at any moment leaves whole chunks
+and no marker; a unit's chunks and marker are committed under a per-unit lock, so duplicate
+workers (a requeued job overlapping its predecessor) never mix their writes.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
     for b_lo in range(lo, hi, cfg.features.batch_size):
         if stop:
             return None
+        dist.fault_point("batch")
         b_hi = min(hi, b_lo + cfg.features.batch_size)
         cond = None if cond_all is None else cond_all[b_lo - lo:b_hi - lo]
         batch = _guard_memory(lambda b_lo=b_lo, b_hi=b_hi, cond=cond: per_sample_gradients(
@@ -177,13 +182,20 @@ def open_splits(job: Job, rank: dist.RankInfo) -> tuple[Store, dict[str, Split]]
 
 
 def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInfo | None = None,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, partial_gram: bool = False) -> dict:
     """Extract the features of the given splits (default: train and every query set).
+
+    With ``partial_gram`` the rank then stores the partial Gram of the train units it owns
+    (``reduce.write_partial``), which ``das reduce`` sums instead of streaming the store.
 
     Returns a summary dict (units written, samples, seconds). Raises ``dist.Preempted`` after a
     stop signal; what was marked stays valid and the rerun continues from it.
     """
-    rank = rank or dist.current()
+    with dist.StopFlag() as stop:
+        return _extract(cfg, splits, rank or dist.current(), show_progress, partial_gram, stop)
+
+
+def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
     job = prepare(cfg, splits)
     store, split_map = open_splits(job, rank)
     if splits:
@@ -193,7 +205,6 @@ def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInf
     for module in (job.model.vae, job.model.text_encoder):
         if module is not None:
             torch.nn.Module.to(module, rank.device)
-    stop = dist.StopFlag().install()
     todo = []
     for name, split in split_map.items():
         done = set(split.done_units().tolist())
@@ -209,6 +220,7 @@ def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInf
             if split.is_done(unit):  # another worker (e.g. a requeued twin) finished it
                 continue
             split.claim(unit, rank.rank)
+            dist.fault_point("claim")
             lo, hi = split.unit_rows(unit)
             inputs = unit_inputs(job, split, ds, unit, stats)
             data = unit_features(job, unet, ds, lo, hi, stop, inputs)
@@ -216,18 +228,26 @@ def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInf
                 raise dist.Preempted(f"signal {stop.signum}: dropped unit {unit} of {name!r} "
                                      f"unmarked after {written} units; rerun to continue")
             dist.fault_point("before_write")
-            split.write_data(unit, data)
-            dist.fault_point("before_marker")
-            split.mark(unit, data, rank.rank)
-            written += 1
-            samples += hi - lo
+            if split.commit_unit(unit, data, rank.rank):
+                written += 1
+                samples += hi - lo
             bar.set_postfix(split=name, unit=unit)
             bar.update(hi - lo)
             dist.fault_point("after_unit")
             if stop:
                 raise dist.Preempted(f"signal {stop.signum}: stopped after unit {unit} of "
                                      f"{name!r}; rerun to continue")
+    partials = []
+    if partial_gram and "train" in split_map:
+        from .reduce import needed_readouts, write_partial
+
+        train = split_map["train"]
+        units = range(rank.rank, train.num_units, rank.world)
+        for readout in needed_readouts(cfg) if len(units) else []:
+            write_partial(store, train, readout, units, rank.rank, rank.world)
+            partials.append(readout)
     seconds = time.perf_counter() - started
     return {"units": written, "samples": samples, "seconds": seconds, "rank": rank.rank,
             "world": rank.world, "store": str(store.path), **stats,
-            "attributed_params": job.fingerprint["model"]["attributed_params"]}
+            "attributed_params": job.fingerprint["model"]["attributed_params"],
+            "partials": partials}

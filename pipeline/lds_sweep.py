@@ -26,11 +26,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .config import METHOD_READOUT
 from .lds import LdsError, lds_from_predictions, query_halves, subset_predictions, summarize
-from .reduce import Factor, factor, gram, load_factor
+from .reduce import Factor, dual_factor, factor, gram, load_factor
 from .score import LEVERAGE_FLOOR
 from .store import Store, StoreError
 
@@ -97,21 +96,6 @@ def read_split(store: Store, name: str, readouts, dim: int | None = None):
         rho.append(data.rho.astype(np.float64))
     return ({r: np.concatenate(v) for r, v in feats.items()}, np.concatenate(res),
             np.concatenate(rho), split.uids())
-
-
-def dual_factor(feats_NK: np.ndarray) -> Factor:
-    """Thin factor of G = Phi^T Phi from the N x N kernel Phi Phi^T (exact for train rows, N < K).
-
-    Returns a Factor whose eigvecs are (K, R) with R = numerical rank; its ``dim`` is R, so the
-    relative damping must be computed with the true K (``sweep`` does).
-    """
-    phi = torch.from_numpy(feats_NK).to(torch.float64)
-    kern_NN = phi @ phi.T
-    s, u = torch.linalg.eigh(0.5 * (kern_NN + kern_NN.T))
-    keep = s > s.max().clamp_min(0) * 1e-12
-    s, u = s[keep], u[:, keep]
-    v_KR = (phi.T @ u) / s.sqrt()
-    return Factor(s, v_KR, float(phi.pow(2).sum()), phi.shape[0])
 
 
 def store_factor(store: Store, readout: str, train_feats_NK: np.ndarray, store_dim: int) -> Factor:

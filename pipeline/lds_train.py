@@ -87,11 +87,18 @@ def subset_done(folder: Path, identity: dict) -> bool:
 def train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: dict | None,
               command: str | None, threads: int = 1) -> dict:
     """Train subset m into <out>/<m:04d>/ (skipped when its marker matches). Picklable entry point."""
+    from .dist import torch_threads
+
+    with torch_threads(threads):
+        return _train_one(train_source, subsets_path, m, out, recipe, command)
+
+
+def _train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: dict | None,
+               command: str | None) -> dict:
     from .data import open_dataset
     from .lds import load_subsets
     from .recipe import save_pipeline
 
-    torch.set_num_threads(threads)
     subsets = load_subsets(subsets_path)
     folder = Path(out) / f"{m:04d}"
     identity = _marker_identity(subsets, m, recipe, command)

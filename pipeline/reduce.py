@@ -6,6 +6,16 @@
     lambda = c * trace(G) / k (relative) or c (absolute)
     h_i = phi_i (G + lambda I)^-1 phi_i^T               (leverage)
 
+When N < k the Gram has rank <= N: the factor is then computed from the N x N kernel
+Phi Phi^T = U diag(e) U^T, with V = Phi^T U diag(e)^-1/2 (k x R, R = numerical rank), and
+(G + lambda I)^-1 x = V diag(1 / (e + lambda)) V^T x + (x - V V^T x) / lambda. This is exact;
+the eigendecomposition costs O(N^2 k + N^3) instead of O(k^3) (at k = 8192 the k x k eigh alone
+takes minutes on a CPU). The Gram itself is still stored.
+
+Partial Grams: a rank may store G_r = sum over its train units (``write_partial``); the reduce
+job sums them when one world's partials cover every unit exactly once and match the current
+markers, and otherwise streams the store (``--partials auto``), or refuses (``require``).
+
 Legend: N train rows, Q queries, K projection dim.
 """
 
@@ -13,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,21 +31,32 @@ import torch
 from tqdm import tqdm
 
 from .config import METHOD_READOUT, Config
+from .dist import fault_point
 from .store import Split, Store, StoreError
 
 
 @dataclass
 class Factor:
-    """Eigendecomposition of one readout's Gram: G = V diag(e) V^T."""
+    """Eigendecomposition of one readout's Gram: G = V diag(e) V^T, V (K, R) orthonormal.
+
+    R = K for the full factor; R < K for the thin factor of the N < K case, whose remaining
+    eigenvalues are 0 (``solve`` and ``leverage`` account for that complement exactly).
+    """
 
     eigvals_K: torch.Tensor
     eigvecs_KK: torch.Tensor
     trace: float
     num_samples: int
+    num_dims: int = 0
+    """k, the projection dimension; 0 means eigvecs are square (R = k)."""
 
     @property
     def dim(self) -> int:
-        return self.eigvals_K.shape[0]
+        return self.num_dims or self.eigvecs_KK.shape[0]
+
+    @property
+    def thin(self) -> bool:
+        return self.eigvecs_KK.shape[1] < self.dim
 
     def damping(self, c: float, absolute: bool = False) -> float:
         """lambda = c * trace(G) / k, or c itself when ``absolute``."""
@@ -43,12 +65,21 @@ class Factor:
     def solve(self, x_KQ: torch.Tensor, lam: float) -> torch.Tensor:
         """(G + lam I)^-1 x for x of shape (K, Q), float64."""
         v = self.eigvecs_KK
-        return v @ ((v.T @ x_KQ.to(v.dtype)) / (self.eigvals_K + lam)[:, None])
+        x = x_KQ.to(v.dtype)
+        coords = v.T @ x
+        out = v @ (coords / (self.eigvals_K + lam)[:, None])
+        if self.thin:
+            out += (x - v @ coords) / lam
+        return out
 
     def leverage(self, feats_NK: torch.Tensor, lam: float) -> torch.Tensor:
         """h_i = phi_i (G + lam I)^-1 phi_i^T, float64 (N,)."""
-        coords_NK = feats_NK.to(self.eigvecs_KK.dtype) @ self.eigvecs_KK
-        return (coords_NK.pow(2) / (self.eigvals_K + lam)).sum(1)
+        feats = feats_NK.to(self.eigvecs_KK.dtype)
+        coords_NR = feats @ self.eigvecs_KK
+        h = (coords_NR.pow(2) / (self.eigvals_K + lam)).sum(1)
+        if self.thin:
+            h += (feats.pow(2).sum(1) - coords_NR.pow(2).sum(1)).clamp_min(0) / lam
+        return h
 
 
 def gram(feature_blocks, dim: int, device="cpu") -> torch.Tensor:
@@ -67,6 +98,21 @@ def factor(gram_KK: torch.Tensor, num_samples: int) -> Factor:
     return Factor(eigvals.clamp_min(0.0), eigvecs, float(torch.trace(gram_KK)), num_samples)
 
 
+def dual_factor(feats_NK) -> Factor:
+    """Thin factor of G = Phi^T Phi from the N x N kernel Phi Phi^T (exact; for N < K).
+
+    Args:
+        feats_NK: train features (N, K), tensor or array.
+    """
+    phi = torch.as_tensor(feats_NK).to(torch.float64)
+    kern_NN = phi @ phi.T
+    e, u = torch.linalg.eigh(0.5 * (kern_NN + kern_NN.T))
+    keep = e > e.max().clamp_min(0) * 1e-12
+    e, u = e[keep], u[:, keep]
+    v_KR = (phi.T @ u) / e.sqrt()
+    return Factor(e, v_KR, float(phi.pow(2).sum()), phi.shape[0], num_dims=phi.shape[1])
+
+
 def markers_digest(markers: np.ndarray) -> str:
     """Identity of a split's content: the per-unit rows and checksums of its markers."""
     return hashlib.sha256(np.ascontiguousarray(markers[:, [1] + list(range(5, markers.shape[1]))])
@@ -82,12 +128,91 @@ def iter_features(split: Split, readout: str, markers: np.ndarray, desc: str, sh
         yield split.read_unit(unit, (readout,), markers[unit]).features[readout]
 
 
-def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu") -> dict:
+def write_partial(store: Store, train: Split, readout: str, units: range, rank: int, world: int,
+                  device="cpu") -> None:
+    """Store the float64 Gram of ``units`` of the train split (all must be marked).
+
+    Written as one (K, K) array whose attributes (the coverage, a digest of the covered units'
+    markers and a checksum) are written last, so an interrupted write is never trusted.
+    """
+    markers = train.markers()
+    g = gram((train.read_unit(u, (readout,), markers[u]).features[readout] for u in units),
+             train.dim, device).cpu().numpy()
+    group = store.root.require_group("partials").require_group(readout)
+    arr = group.create_array(f"r{rank}-w{world}", shape=g.shape, dtype="float64",
+                             chunks=tuple(min(s, 4096) for s in g.shape), fill_value=np.nan,
+                             overwrite=True)
+    arr[...] = g
+    fault_point("partial")
+    arr.attrs.update({"units": [units.start, units.stop, units.step], "rank": rank,
+                      "world": world, "num_units": train.num_units,
+                      "digest": markers_digest(markers[list(units)]),
+                      "checksum": float(g.sum()), "time": time.time(),
+                      "fingerprint_hash": store.root.attrs["fingerprint_hash"]})
+
+
+def summed_partials(store: Store, train: Split, readout: str, markers: np.ndarray
+                    ) -> tuple[torch.Tensor | None, str]:
+    """Sum of the partial Grams of one world that cover every train unit exactly once.
+
+    Returns (gram or None, explanation). Partials that are unfinished, corrupt, stale (their
+    units were re-extracted since) or from another fingerprint never count; when no world's
+    valid partials cover every unit exactly once the result is None and the explanation says
+    which units are missing or doubled.
+    """
+    if "partials" not in store.root or readout not in store.root["partials"]:
+        return None, "no partial Grams in the store"
+    by_world: dict[int, list] = {}
+    rejected = []
+    for name, arr in sorted(store.root["partials"][readout].arrays()):
+        a = arr.attrs.asdict()
+        if "checksum" not in a:
+            rejected.append(f"{name} (unfinished)")
+            continue
+        units = range(*a["units"])
+        if a["fingerprint_hash"] != store.root.attrs["fingerprint_hash"] or \
+                a["num_units"] != train.num_units or units.stop > train.num_units:
+            rejected.append(f"{name} (other store layout)")
+            continue
+        if a["digest"] != markers_digest(markers[list(units)]):
+            rejected.append(f"{name} (stale: its units hold other data now)")
+            continue
+        by_world.setdefault(a["world"], []).append((name, arr, units, a["checksum"]))
+    problems = [f"rejected {', '.join(rejected)}"] if rejected else []
+    for world, parts in sorted(by_world.items()):
+        count = np.zeros(train.num_units, dtype=np.int64)
+        for _, _, units, _ in parts:
+            count[list(units)] += 1
+        missing, doubled = np.flatnonzero(count == 0), np.flatnonzero(count > 1)
+        if len(missing) or len(doubled):
+            problems.append(f"world {world}: {len(parts)} partials miss units "
+                            f"{missing[:8].tolist()} and double units {doubled[:8].tolist()}")
+            continue
+        total = np.zeros((train.dim, train.dim))
+        for name, arr, _, checksum in parts:
+            g = arr[...]
+            if not np.isclose(g.sum(), checksum, rtol=1e-12, atol=0):
+                raise StoreError(f"partial Gram {store.path}/partials/{readout}/{name} does not "
+                                 f"match its checksum; delete it and rerun `das reduce CONFIG`")
+            total += g
+        return torch.from_numpy(total), f"summed {len(parts)} partial Grams of world {world}"
+    return None, "; ".join(problems) or "no finished partial Grams"
+
+
+def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
+               partials: str = "auto") -> dict:
     """Compute and store the Gram factor of every readout the configured methods need.
 
+    ``partials``: ``auto`` sums the extraction ranks' partial Grams when they cover every unit
+    exactly once and streams the store otherwise; ``require`` refuses to stream; ``ignore``
+    always streams.
+
     Raises:
-        StoreError: the train split is incomplete or corrupt.
+        StoreError: the train split is incomplete or corrupt, or partials are required but
+            unusable.
     """
+    if partials not in ("auto", "require", "ignore"):
+        raise ValueError(f"--partials {partials!r}: choose auto, require or ignore")
     store = Store.open_existing(cfg.store.path)
     train = store.split("train")
     markers = train.require_complete()
@@ -95,16 +220,38 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu") -> 
     summary = {}
     for readout in needed_readouts(cfg):
         started = time.perf_counter()
-        g = gram(iter_features(train, readout, markers, f"gram {readout}", show_progress),
-                 train.dim, device)
-        fac = factor(g, train.num_samples)
+        g, source, method = None, "streamed the store", f"k x k eigh (k = {train.dim})"
+        if partials != "ignore":
+            g, why = summed_partials(store, train, readout, markers)
+            if g is None and partials == "require":
+                raise StoreError(f"--partials require: no usable partial Grams for {readout!r} "
+                                 f"({why}); rerun `das extract CONFIG --partial-gram`, or use "
+                                 f"--partials auto to stream the store")
+            if g is None and why != "no partial Grams in the store":
+                warnings.warn(f"partial Grams of {readout!r} not used ({why}); streaming the "
+                              f"store instead", stacklevel=2)
+            source = why if g is not None else source
+        if g is None and train.num_samples < train.dim:
+            # N < k: eigendecompose the N x N kernel instead of the k x k Gram (exact, cheaper).
+            blocks = iter_features(train, readout, markers, f"features {readout}", show_progress)
+            phi = torch.cat([torch.as_tensor(b) for b in blocks]).to(device, torch.float64)
+            g = phi.T @ phi
+            fac = dual_factor(phi)
+            method = f"N x N kernel eigh (N = {train.num_samples} < k = {train.dim})"
+        else:
+            if g is None:
+                g = gram(iter_features(train, readout, markers, f"gram {readout}", show_progress),
+                         train.dim, device)
+            fac = factor(g.to(device), train.num_samples)
         save_factor(store, readout, g, fac, digest)
         summary[readout] = {"seconds": time.perf_counter() - started, "trace": fac.trace,
-                            "rank": int((fac.eigvals_K > fac.eigvals_K.max() * 1e-12).sum())}
+                            "rank": int((fac.eigvals_K > fac.eigvals_K.max() * 1e-12).sum()),
+                            "source": source, "factor": method}
     return summary
 
 
 def save_factor(store: Store, readout: str, gram_KK: torch.Tensor, fac: Factor, digest: str):
+    """Write the Gram (k, k), eigvals (R,) and eigvecs (k, R); R < k for the thin factor."""
     group = store.root.require_group("reduce").require_group(readout)
     k = fac.dim
     for name, value in (("gram", gram_KK), ("eigvals", fac.eigvals_K), ("eigvecs", fac.eigvecs_KK)):
@@ -132,4 +279,4 @@ def load_factor(store: Store, readout: str, device="cpu") -> Factor:
                          f"training features than the store now holds; rerun `das reduce CONFIG`")
     as_t = lambda name: torch.from_numpy(group[name][...]).to(device)  # noqa: E731
     return Factor(as_t("eigvals"), as_t("eigvecs"), group.attrs["trace"],
-                  group.attrs["num_samples"])
+                  group.attrs["num_samples"], num_dims=group.attrs["dim"])

@@ -10,10 +10,13 @@ Layout (DESIGN.md section 2)::
         markers       (U, 5 + R + 1)  one chunk per unit, written LAST: [done, rows, time, pid,
                                       rank, checksum per readout..., checksum of residual]
         claims        (U, 3)          one chunk per unit, written FIRST: [time, pid, rank]
+        locks         (U, 3)          a chunk exists only while a worker commits the unit:
+                                      [time, pid, host id] (``Split.commit_unit``)
         cache/<name>  (N, ...)        text-conditioned models: VAE latents and caption
                                       embeddings, encoded once per unit and reused on resume
         cache/markers (U, 2)          [done, time] per unit, written after the cache chunks
       reduce/<readout>/ gram, eigvals, eigvecs
+      partials/<readout>/r<rank>-w<world> (k, k) partial Gram of one rank's train units (reduce.py)
       scores/<query set>/<method>     (Q, N) scores
 
 Rules: a unit is rows [u * rows_per_unit, (u + 1) * rows_per_unit) and owns exactly one chunk of
@@ -23,10 +26,13 @@ the data; readers trust only marked units and check the marker's checksums.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +40,15 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from .dist import fault_point
+
 FORMAT_VERSION = 1
 MARKER_FIXED = 5  # done, rows, time, pid, rank
+# A commit (writing one unit's chunks and marker) takes well under a second; a lock older than
+# this belongs to a dead or hung worker and is broken.
+LOCK_STALE_S = 300.0
+# float64 holds integers exactly up to 2**53: the host id fits.
+HOST_ID = float(int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:6], "little"))
 
 
 class StoreError(ValueError):
@@ -94,10 +107,12 @@ class Store:
                 if path.exists() and any(path.iterdir()):
                     raise StoreError(f"[store] path = {str(path)!r} exists and is not a zarr store; "
                                      f"choose another path")
-                root = zarr.open_group(path, mode="w-")
-                root.attrs.update({"format_version": FORMAT_VERSION, "fingerprint": fingerprint,
-                                   "fingerprint_hash": fingerprint_hash(fingerprint),
-                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                # Attributes in the one (atomic) write of zarr.json: waiting ranks open the
+                # store as soon as that file exists.
+                root = zarr.open_group(path, mode="w-", attributes={
+                    "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
+                    "fingerprint_hash": fingerprint_hash(fingerprint),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 return cls(path, root)
         root = zarr.open_group(path, mode="r+")
         attrs = root.attrs.asdict()
@@ -125,7 +140,7 @@ class Store:
         return self.root.attrs["fingerprint"]
 
     def split_names(self) -> list[str]:
-        return [n for n in self.root.group_keys() if n not in ("reduce", "scores")]
+        return [n for n in self.root.group_keys() if n not in ("reduce", "scores", "partials")]
 
     def split(self, name: str) -> Split:
         if name not in self.root or not (self.path / name / "markers" / "zarr.json").exists():
@@ -183,6 +198,7 @@ class Store:
                            compressors=[Crc32cCodec()], fill_value=np.nan, overwrite=True)
         g.create_array("claims", shape=(num_units, 3), dtype="float64", chunks=(1, 3),
                        fill_value=0.0, overwrite=True)
+        _create_locks(g, num_units)
         if cache_shapes:
             cache = g.require_group("cache")
             for key, shape in cache_shapes.items():
@@ -196,6 +212,22 @@ class Store:
                        dtype="float64", chunks=(1, MARKER_FIXED + len(readouts) + 1),
                        fill_value=0.0, overwrite=True)
         return Split(g, name)
+
+
+def _create_locks(g: zarr.Group, num_units: int) -> zarr.Array:
+    # Raw little-endian float64, no compression: ``Split._unit_lock`` writes its chunks itself.
+    return g.create_array("locks", shape=(num_units, 3), dtype="float64", chunks=(1, 3),
+                          compressors=None, fill_value=0.0, overwrite=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -252,6 +284,7 @@ class Split:
         for r in self.readouts:
             assert data.features[r].shape == (hi - lo, self.dim), data.features[r].shape
             self.group["features"][r][lo:hi] = data.features[r]
+            fault_point("mid_write")
         self.group["residual"][lo:hi] = data.residual
         self.group["rho"][lo:hi] = data.rho
 
@@ -284,6 +317,60 @@ class Split:
         lo, hi = self.unit_rows(unit)
         cache = self.group["cache"]
         return {key: cache[key][lo:hi] for key in cache.array_keys() if key != "markers"}
+
+    def commit_unit(self, unit: int, data: UnitData, rank: int = 0) -> bool:
+        """Write the unit and its marker unless another worker already marked it.
+
+        Twins (a requeued job overlapping its predecessor, possibly on other hardware whose
+        floats differ in the last bits) never interleave: the write runs under the unit's lock,
+        so a unit's chunks and its marker always come from one writer, and a marked unit is
+        never overwritten. Returns False when the unit was already marked.
+        """
+        with self._unit_lock(unit):
+            if self.is_done(unit):
+                return False
+            self.write_data(unit, data)
+            fault_point("before_marker")
+            self.mark(unit, data, rank)
+            return True
+
+    @contextlib.contextmanager
+    def _unit_lock(self, unit: int):
+        """Exclusive lock of one unit: the chunk file of ``locks[unit]``, created with link(2).
+
+        A lock whose holder is a dead process on this host, or older than LOCK_STALE_S, is
+        broken. (Two workers breaking the same stale lock at the same moment could both enter;
+        that needs three workers on one unit and a dead one among them.)
+        """
+        if "locks" not in self.group:  # store made before locks existed
+            _create_locks(self.group, self.num_units)
+        arr = self.group["locks"]
+        path = Path(arr.store.root) / arr.path / arr.metadata.encode_chunk_key((unit, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.lock")
+        tmp.write_bytes(np.asarray([time.time(), os.getpid(), HOST_ID], "<f8").tobytes())
+        try:
+            while True:
+                try:
+                    os.link(tmp, path)
+                    break
+                except FileExistsError:
+                    pass
+                try:
+                    held, pid, host = np.frombuffer(path.read_bytes(), "<f8")
+                except (FileNotFoundError, ValueError):  # released meanwhile / being written
+                    continue
+                if (host == HOST_ID and not _pid_alive(int(pid))) or \
+                        time.time() - held > LOCK_STALE_S:
+                    path.unlink(missing_ok=True)
+                    continue
+                time.sleep(0.05)
+        finally:
+            tmp.unlink()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
 
     def read_unit(self, unit: int, readouts=None, marker: np.ndarray | None = None) -> UnitData:
         """Read a marked unit and verify it against its marker's checksums.

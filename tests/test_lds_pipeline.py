@@ -48,6 +48,9 @@ def test_dual_factor_scores_and_leverage_equal_the_full_factor():
     full_scores = torch.from_numpy(train) @ full.solve(tq, lam)
     thin_scores = torch.from_numpy(train) @ thin.solve(tq, lam)
     torch.testing.assert_close(thin_scores, full_scores, rtol=1e-9, atol=1e-10)
+    # with the complement term, the thin solve is exact for vectors outside the train span too
+    torch.testing.assert_close(thin.solve(tq, lam), full.solve(tq, lam), rtol=1e-9, atol=1e-10)
+    assert thin.dim == full.dim == 40 and thin.damping(0.5) == pytest.approx(full.damping(0.5))
     torch.testing.assert_close(thin.leverage(torch.from_numpy(train), lam),
                                full.leverage(torch.from_numpy(train), lam), rtol=1e-9, atol=1e-12)
     assert thin.trace == pytest.approx(full.trace, rel=1e-12)
