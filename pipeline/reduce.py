@@ -128,6 +128,23 @@ def iter_features(split: Split, readout: str, markers: np.ndarray, desc: str, sh
         yield split.read_unit(unit, (readout,), markers[unit]).features[readout]
 
 
+ROWS_PER_WRITE = 1024  # rows of a stored Gram / eigenvector matrix per chunk and per write
+
+
+def write_rows(group, name: str, value: np.ndarray, fill_value=None):
+    """Store a float64 array (overwriting) in row blocks; returns the zarr array.
+
+    One whole-array assignment makes zarr hold about two extra copies of the array (1 GB for a
+    k = 8192 Gram); blocks of ROWS_PER_WRITE rows bound that to a few chunks.
+    """
+    chunks = (min(value.shape[0], ROWS_PER_WRITE),) + tuple(min(s, 4096) for s in value.shape[1:])
+    arr = group.create_array(name, shape=value.shape, dtype="float64", chunks=chunks,
+                             fill_value=fill_value, overwrite=True)
+    for lo in range(0, value.shape[0], ROWS_PER_WRITE):
+        arr[lo:lo + ROWS_PER_WRITE] = value[lo:lo + ROWS_PER_WRITE]
+    return arr
+
+
 def write_partial(store: Store, train: Split, readout: str, units: range, rank: int, world: int,
                   device="cpu") -> None:
     """Store the float64 Gram of ``units`` of the train split (all must be marked).
@@ -139,10 +156,7 @@ def write_partial(store: Store, train: Split, readout: str, units: range, rank: 
     g = gram((train.read_unit(u, (readout,), markers[u]).features[readout] for u in units),
              train.dim, device).cpu().numpy()
     group = store.root.require_group("partials").require_group(readout)
-    arr = group.create_array(f"r{rank}-w{world}", shape=g.shape, dtype="float64",
-                             chunks=tuple(min(s, 4096) for s in g.shape), fill_value=np.nan,
-                             overwrite=True)
-    arr[...] = g
+    arr = write_rows(group, f"r{rank}-w{world}", g, fill_value=np.nan)
     fault_point("partial")
     arr.attrs.update({"units": [units.start, units.stop, units.step], "rank": rank,
                       "world": world, "num_units": train.num_units,
@@ -255,9 +269,7 @@ def save_factor(store: Store, readout: str, gram_KK: torch.Tensor, fac: Factor, 
     group = store.root.require_group("reduce").require_group(readout)
     k = fac.dim
     for name, value in (("gram", gram_KK), ("eigvals", fac.eigvals_K), ("eigvecs", fac.eigvecs_KK)):
-        arr = group.create_array(name, shape=tuple(value.shape), dtype="float64",
-                                 chunks=tuple(min(s, 4096) for s in value.shape), overwrite=True)
-        arr[...] = value.cpu().numpy()
+        write_rows(group, name, value.cpu().numpy())
     group.attrs.update({"num_samples": fac.num_samples, "trace": fac.trace, "dim": k,
                         "train_digest": digest,
                         "fingerprint_hash": store.root.attrs["fingerprint_hash"]})
