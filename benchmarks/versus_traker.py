@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from das_pipeline.config import ScoreConfig
+from das_pipeline.lds import spearman_rows
 
 HERE = Path(__file__).resolve().parent
 GRID = [float(c) for c in np.logspace(-5, 4, 19)]  # = das_pipeline.lds_sweep.DEFAULT_GRID
@@ -439,15 +440,6 @@ def run_rounds(s: Setup, out: Path, rounds: int) -> dict[str, list[dict]]:
                       + ", ".join(f"{k} {t:.2f} s" for k, t in res["seconds"].items())
                       + f", peak RSS {res['peak_rss_kb'] / 1024:.0f} MB", flush=True)
     return results
-
-
-def spearman_rows(a_QN: np.ndarray, b_QN: np.ndarray) -> np.ndarray:
-    """Per-row Spearman correlation (float scores: ties have probability ~0)."""
-    ra = np.argsort(np.argsort(a_QN, axis=1), axis=1).astype(np.float64)
-    rb = np.argsort(np.argsort(b_QN, axis=1), axis=1).astype(np.float64)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
-    return (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
 
 
 def load_scores(out: Path, name: str, split: str) -> dict[str, np.ndarray]:

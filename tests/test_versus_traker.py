@@ -39,6 +39,7 @@ from traker_adapter import (  # noqa: E402
 from das_pipeline.data import open_dataset  # noqa: E402
 from das_pipeline.features import FeatureSpec, per_sample_gradients  # noqa: E402
 from das_pipeline.kernels import project  # noqa: E402
+from das_pipeline.lds import spearman_rows  # noqa: E402
 from das_pipeline.models import load_model  # noqa: E402
 from das_pipeline.reduce import factor, gram  # noqa: E402
 
@@ -55,14 +56,6 @@ class OurProjector(AbstractProjector):
         if isinstance(grads, dict):
             grads = vectorize(grads, device="cpu")
         return project(grads, self.proj_dim, self.seed)
-
-
-def spearman_rows(a_QN: np.ndarray, b_QN: np.ndarray) -> np.ndarray:
-    ra = np.argsort(np.argsort(a_QN, axis=1), axis=1).astype(np.float64)
-    rb = np.argsort(np.argsort(b_QN, axis=1), axis=1).astype(np.float64)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
-    return (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
 
 
 @pytest.fixture(scope="module")
