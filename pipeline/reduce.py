@@ -10,7 +10,8 @@ When N < k the Gram has rank <= N: the factor is then computed from the N x N ke
 Phi Phi^T = U diag(e) U^T, with V = Phi^T U diag(e)^-1/2 (k x R, R = numerical rank), and
 (G + lambda I)^-1 x = V diag(1 / (e + lambda)) V^T x + (x - V V^T x) / lambda. This is exact;
 the eigendecomposition costs O(N^2 k + N^3) instead of O(k^3) (at k = 8192 the k x k eigh alone
-takes minutes on a CPU). The Gram itself is still stored.
+takes minutes on a CPU). The k x k Gram is then neither formed nor stored (it would be 8 GB
+per readout at k = 32768): ``stored_gram`` rebuilds it from the factor when asked.
 
 Partial Grams: a rank may store G_r = sum over its train units (``write_partial``); the reduce
 job sums them when one world's partials cover every unit exactly once and match the current
@@ -249,7 +250,6 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
             # N < k: eigendecompose the N x N kernel instead of the k x k Gram (exact, cheaper).
             blocks = iter_features(train, readout, markers, f"features {readout}", show_progress)
             phi = torch.cat([torch.as_tensor(b) for b in blocks]).to(device, torch.float64)
-            g = phi.T @ phi
             fac = dual_factor(phi)
             method = f"N x N kernel eigh (N = {train.num_samples} < k = {train.dim})"
         else:
@@ -264,11 +264,19 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
     return summary
 
 
-def save_factor(store: Store, readout: str, gram_KK: torch.Tensor, fac: Factor, digest: str):
-    """Write the Gram (k, k), eigvals (R,) and eigvecs (k, R); R < k for the thin factor."""
+def save_factor(store: Store, readout: str, gram_KK: torch.Tensor | None, fac: Factor, digest: str):
+    """Write eigvals (R,), eigvecs (k, R) and, when one was formed, the Gram (k, k).
+
+    R < k for the thin factor, whose Gram is not stored (a stale one is removed).
+    """
     group = store.root.require_group("reduce").require_group(readout)
     k = fac.dim
-    for name, value in (("gram", gram_KK), ("eigvals", fac.eigvals_K), ("eigvecs", fac.eigvecs_KK)):
+    if gram_KK is None and "gram" in group:
+        del group["gram"]
+    arrays = {"eigvals": fac.eigvals_K, "eigvecs": fac.eigvecs_KK}
+    if gram_KK is not None:
+        arrays["gram"] = gram_KK
+    for name, value in arrays.items():
         write_rows(group, name, value.cpu().numpy())
     group.attrs.update({"num_samples": fac.num_samples, "trace": fac.trace, "dim": k,
                         "train_digest": digest,
@@ -292,3 +300,12 @@ def load_factor(store: Store, readout: str, device="cpu") -> Factor:
     as_t = lambda name: torch.from_numpy(group[name][...]).to(device)  # noqa: E731
     return Factor(as_t("eigvals"), as_t("eigvecs"), group.attrs["trace"],
                   group.attrs["num_samples"], num_dims=group.attrs["dim"])
+
+
+def stored_gram(store: Store, readout: str) -> np.ndarray:
+    """The reduced Gram G (k, k) float64: as stored, or V diag(e) V^T of a thin factor."""
+    group = store.root["reduce"][readout]
+    if "gram" in group:
+        return group["gram"][...]
+    v_KR = group["eigvecs"][...]
+    return (v_KR * group["eigvals"][...]) @ v_KR.T

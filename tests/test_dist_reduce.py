@@ -11,7 +11,7 @@ import pytest
 from test_dist import make_reference, write_config
 
 from das_pipeline.config import load_config
-from das_pipeline.reduce import run_reduce, write_partial
+from das_pipeline.reduce import run_reduce, stored_gram, write_partial
 from das_pipeline.store import Store, StoreError
 
 NUM_TRAIN_UNITS = 10  # 40 rows, 4 per unit
@@ -34,7 +34,7 @@ def emit(store: Store, world: int, ranks=None, readouts=("loss", "square", "mean
 
 
 def grams(store: Store) -> dict[str, np.ndarray]:
-    return {r: store.root["reduce"][r]["gram"][...] for r in ("loss", "square", "mean")}
+    return {r: stored_gram(store, r) for r in ("loss", "square", "mean")}
 
 
 def test_exact_cover_is_summed_and_equals_streaming(copy):
