@@ -199,6 +199,7 @@ def das_score(job: dict) -> dict:
     from das_pipeline import dist
     from das_pipeline.config import load_config
     from das_pipeline.extract import run_extract
+    from das_pipeline.lds_sweep import read_split
     from das_pipeline.reduce import load_factor, run_reduce
     from das_pipeline.score import run_score, score_block
     from das_pipeline.store import Store
@@ -216,15 +217,13 @@ def das_score(job: dict) -> dict:
     readouts = ("loss", "square", "mean")
     factors = {r: load_factor(store, r) for r in readouts}
 
-    def read(split):
-        markers = split.require_complete()
-        units = [split.read_unit(u, readouts, markers[u]) for u in range(split.num_units)]
-        feats = {r: torch.from_numpy(np.concatenate([d.features[r] for d in units])) for r in readouts}
-        weight = [d.rho if cfg.score.residual == "rho" else d.residual for d in units]
-        return feats, torch.from_numpy(np.concatenate(weight))
+    def read(name):
+        feats, res, rho, _ = read_split(store, name, readouts)
+        weight = rho if cfg.score.residual == "rho" else res
+        return {r: torch.from_numpy(f) for r, f in feats.items()}, torch.from_numpy(weight)
 
-    train_feats, residual = read(store.split("train"))
-    q_feats = {name: read(store.split(name))[0] for name in s.queries}
+    train_feats, residual = read("train")
+    q_feats = {name: read(name)[0] for name in s.queries}
     out = {name: {m: [] for m in DAS_METHODS} for name in s.queries}
     for c in s.grid:
         lams = {r: f.damping(c) for r, f in factors.items()}
