@@ -14,7 +14,7 @@ Every stage runs in its own subprocess (so peak RSS is per process), tools alter
              whole damping grid (traker: re-finalize per value; ours: one factor, O(k^2) per value)
 Reported: medians over rounds of time per sample / seconds, peak RSS per process (and its growth
 over the RSS after imports), per-query Spearman between the tools' TRAK and D-TRAK scores, and
-the LDS with held-out damping choice when the evaluation toolchain (das_pipeline.lds) and a
+the LDS with held-out damping choice when the evaluation toolchain (das_pipeline.eval) and a
 benchmarks/lds_digits run (subsets, retrained models, truth) are present.
 
 traker is an optional dev dependency (pure Python; its fast_jl CUDA extra is not needed on CPU):
@@ -44,46 +44,14 @@ from pathlib import Path
 import numpy as np
 
 from das_pipeline.config import ScoreConfig
-from das_pipeline.lds import spearman_rows
+from das_pipeline.eval.lds import spearman_rows
 
 HERE = Path(__file__).resolve().parent
-GRID = [float(c) for c in np.logspace(-5, 4, 19)]  # = das_pipeline.lds_sweep.DEFAULT_GRID
+GRID = [float(c) for c in np.logspace(-5, 4, 19)]  # = das_pipeline.eval.sweep.DEFAULT_GRID
 DIGITS_RECIPE = {"widths": [8, 16], "attention": False, "num_train_timesteps": 1000, "steps": 200,
                  "batch_size": 64, "lr": 3e-3, "seed": 0}  # benchmarks/lds_digits (FULL)
 TRAKER_METHODS = ("trak", "dtrak")
 DAS_METHODS = ("trak", "dtrak", "das")
-
-CONFIG = """[model]
-path = "{model}"
-
-[data]
-train = "{train}"
-[data.queries]
-{queries}
-
-[features]
-readouts = ["loss", "square", "mean"]
-timesteps = {timesteps}
-noise_draws = {noise_draws}
-seed = {noise_seed}
-batch_size = {batch}
-
-[projection]
-dim = {dim}
-seed = {proj_seed}
-kind = "{kind}"
-
-[store]
-path = "{store}"
-rows_per_unit = {batch}
-
-[score]
-methods = ["trak", "dtrak", "das"]
-damping = {damping}
-gamma = {gamma}
-residual = "{residual}"
-"""
-
 
 @dataclass
 class Setup:
@@ -198,10 +166,11 @@ def das_score(job: dict) -> dict:
 
     from das_pipeline import dist
     from das_pipeline.config import load_config
+    from das_pipeline.eval.sweep import read_split
     from das_pipeline.extract import run_extract
-    from das_pipeline.lds_sweep import read_split
     from das_pipeline.reduce import load_factor, run_reduce
-    from das_pipeline.score import run_score, score_block
+    from das_pipeline.score import run_score
+    from das_pipeline.scoring import score_block
     from das_pipeline.store import Store
 
     cfg = load_config(job["config"])
@@ -400,15 +369,24 @@ def variants(s: Setup, out: Path) -> list[dict]:
 
 
 def write_das_config(s: Setup, v: dict) -> Path:
+    """examples/digits.toml with the shared setup (model, data, K, S, seeds, k, kind, damping)."""
+    import tomllib
+
+    from das_pipeline.config import dump_toml, merge
+
     work = Path(v["work"])
-    queries = "\n".join(f'{k} = "{src}"' for k, src in s.queries.items())
+    batch = s.das_batch or s.batch
+    raw = tomllib.loads((Path(__file__).resolve().parents[1] / "examples" / "digits.toml").read_text())
+    raw["data"]["queries"] = dict(s.queries)
+    raw = merge(raw, {
+        "model": {"path": s.model}, "data": {"train": s.train},
+        "features": {"timesteps": s.timesteps, "noise_draws": s.noise_draws, "seed": s.noise_seed,
+                     "batch_size": batch},
+        "projection": {"dim": s.dim, "seed": s.proj_seed, "kind": v["kind"]},
+        "store": {"path": str(work / "store.zarr"), "rows_per_unit": batch},
+        "score": {"damping": s.damping, "gamma": s.gamma, "residual": s.residual}})
     path = work.parent / f"{v['name']}.toml"
-    path.write_text(CONFIG.format(model=s.model, train=s.train, queries=queries, timesteps=s.timesteps,
-                                  noise_draws=s.noise_draws, noise_seed=s.noise_seed,
-                                  batch=s.das_batch or s.batch,
-                                  dim=s.dim, proj_seed=s.proj_seed, kind=v["kind"],
-                                  store=work / "store.zarr", damping=s.damping, gamma=s.gamma,
-                                  residual=s.residual))
+    path.write_text(dump_toml(raw))
     return path
 
 
@@ -515,10 +493,10 @@ def agreement(s: Setup, out: Path, has_exact: bool) -> dict:
 
 def lds(s: Setup, out: Path, lds_dir: Path | None, has_exact: bool) -> dict | str:
     """LDS of every method of both tools (and of the exact scores), damping chosen on one half of
-    each query set and reported on the other, with the evaluation toolchain (das_pipeline.lds)
+    each query set and reported on the other, with the evaluation toolchain (das_pipeline.eval)
     and the subsets and retrained-model truth of a benchmarks/lds_digits run; else a reason."""
-    from das_pipeline.lds import load_subsets, load_truth, query_halves, subset_predictions
-    from das_pipeline.lds_sweep import choose_damping, match_queries, subsets_for_truth
+    from das_pipeline.eval.lds import load_subsets, load_truth, query_halves, subset_predictions
+    from das_pipeline.eval.sweep import choose_damping, match_queries, subsets_for_truth
 
     if lds_dir is None or not (lds_dir / "subsets.npz").is_file():
         return (f"no LDS ground truth at {lds_dir}: run `python benchmarks/lds_digits/run.py --out "

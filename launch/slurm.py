@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..errors import ConfigError, DasError
 
 TEMPLATES = Path(__file__).parent / "templates"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
@@ -159,26 +160,26 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 def plan_from_args(args, cfg) -> Plan:
     """Validate the submit options (ValueError names the option, the value and the fix)."""
     if args.array_tasks < 1:
-        raise ValueError(f"--array-tasks {args.array_tasks}: must be >= 1")
+        raise ConfigError(f"--array-tasks {args.array_tasks}: must be >= 1")
     if args.gpus_per_task < 0:
-        raise ValueError(f"--gpus-per-task {args.gpus_per_task}: must be >= 0 (0 runs on CPU)")
+        raise ConfigError(f"--gpus-per-task {args.gpus_per_task}: must be >= 0 (0 runs on CPU)")
     procs = args.procs_per_task or max(args.gpus_per_task, 1)
     if procs < 1 or (args.gpus_per_task and procs != args.gpus_per_task):
-        raise ValueError(f"--procs-per-task {args.procs_per_task}: must be >= 1, and equal to "
+        raise ConfigError(f"--procs-per-task {args.procs_per_task}: must be >= 1, and equal to "
                          f"--gpus-per-task ({args.gpus_per_task}) on GPUs (one process per GPU)")
     cpus = args.cpus_per_task or 4 * procs
     if cpus < 1:
-        raise ValueError(f"--cpus-per-task {cpus}: must be >= 1")
+        raise ConfigError(f"--cpus-per-task {cpus}: must be >= 1")
     for name in ("time", "reduce_time"):
         value = getattr(args, name)
         if value is not None and not _TIME.match(value):
-            raise ValueError(f"--{name.replace('_', '-')} {value!r}: use a Slurm time such as "
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r}: use a Slurm time such as "
                              f"30, 04:00:00 or 1-12:00:00")
     if args.signal_grace < 1:
-        raise ValueError(f"--signal-grace {args.signal_grace}: must be >= 1 second")
+        raise ConfigError(f"--signal-grace {args.signal_grace}: must be >= 1 second")
     for opt in args.sbatch_option:
         if not opt.startswith("--") or "\n" in opt:
-            raise ValueError(f"--sbatch-option {opt!r}: give one long option, e.g. "
+            raise ConfigError(f"--sbatch-option {opt!r}: give one long option, e.g. "
                              f"--sbatch-option=--account=myproj")
     store = cfg.store.path
     out_dir = Path(args.out_dir).resolve() if args.out_dir else store.with_name(
@@ -193,7 +194,7 @@ def plan_from_args(args, cfg) -> Plan:
 def _sbatch(cmd: list[str]) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"`{shlex.join(cmd)}` failed ({done.returncode}): "
+        raise DasError(f"`{shlex.join(cmd)}` failed ({done.returncode}): "
                            f"{done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.strip().split(";")[0]
 
@@ -202,7 +203,7 @@ def submit(args) -> dict:
     """Render, then (unless --dry-run) create the store, write the scripts and submit them.
 
     Returns the job ids. Raises ValueError for bad options, config, model or data (before
-    anything is submitted) and RuntimeError when sbatch fails.
+    anything is submitted) and DasError when sbatch fails.
     """
     from ..config import load_config
 
@@ -219,7 +220,7 @@ def submit(args) -> dict:
               f"{shlex.quote(cmds[1][-1])}")
         return {}
     if shutil.which("sbatch") is None:
-        raise ValueError("`sbatch` is not on PATH: run `das submit` on a Slurm login node, or use "
+        raise ConfigError("`sbatch` is not on PATH: run `das submit` on a Slurm login node, or use "
                          "--dry-run to print the scripts")
     from .. import dist
     from ..extract import open_splits, prepare

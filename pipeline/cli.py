@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
 
 EXIT_USER_ERROR = 2
@@ -72,26 +70,18 @@ def cmd_submit(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .store import Store, StoreError
+    from .store import Store
 
     cfg = _config(args.config)
     store = Store.open_existing(cfg.store.path)
     bad_total = 0
     for name in store.split_names():
         split = store.split(name)
-        markers = split.markers()
-        bad = []
-        for unit in np.flatnonzero(markers[:, 0] == 1.0):
-            try:
-                split.read_unit(int(unit), marker=markers[unit])
-            except StoreError:
-                bad.append(int(unit))
-        if bad and args.fix:
-            for unit in bad:
-                split.group["markers"][unit] = 0.0
+        checked = len(split.done_units())
+        bad = split.verify(fix=args.fix)
         state = "unmarked" if args.fix else "corrupt"
-        print(f"{name}: {int((markers[:, 0] == 1).sum())} marked units checked, {len(bad)} "
-              f"{state}{': ' + str(bad[:10]) if bad else ''}")
+        print(f"{name}: {checked} marked units checked, {len(bad)} {state}"
+              f"{': ' + str(bad[:10]) if bad else ''}")
         bad_total += len(bad)
     return 1 if bad_total and not args.fix else 0
 
@@ -157,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", cmd_doctor, "which projection backends work on this machine (CUDA, Triton, "
             "sjlt CPU kernel, fast-jl), each self-tested against the reference", config=False)
     p.add_argument("--quick", action="store_true", help="report availability only, no self-tests")
-    from .lds_cli import register_lds
+    from .eval.cli import register_lds
 
     register_lds(sub)
     return parser
@@ -165,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .dist import PREEMPT_EXIT_CODE, Preempted
+    from .errors import DasError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # user errors (ConfigError, DataError, ModelError, StoreError, ...)
+    except DasError as err:  # a user error; anything else is a bug and keeps its traceback
         print(f"das {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Preempted as err:

@@ -10,11 +10,14 @@ Which settings change results (and so enter the store fingerprint) is decided he
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from .errors import ConfigError
 
 READOUTS = ("loss", "square", "mean")
 METHODS = ("trak", "dtrak", "das", "das_signed")
@@ -25,10 +28,6 @@ DTYPES = ("float32", "float64")
 AUTOCAST = ("none", "bf16")
 OPTIONAL_PATHS = {("store", "reports"), ("model", "lora")}
 RESIDUALS = ("r", "rho")
-
-
-class ConfigError(ValueError):
-    """A user setting is wrong; the message names the setting, the value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -276,15 +275,57 @@ def load_config(path: str | Path) -> Config:
     return from_dict(raw, base=path.resolve().parent, source=path.resolve())
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as a TOML value")
+
+
+def dump_toml(raw: dict) -> str:
+    """TOML text of a config table (sections of scalars, lists and sub-tables), for writing
+    configs from code: ``load_config`` of the result gives back ``raw``."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict) -> None:
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        if name:
+            lines.extend(["", f"[{name}]"])
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        for key, sub in values.items():
+            if isinstance(sub, dict):
+                table(f"{name}.{key}" if name else key, sub)
+
+    table("", raw)
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def merge(raw: dict, overrides: dict) -> dict:
+    """A copy of ``raw`` with ``overrides`` applied table by table (sub-tables merged, others replaced)."""
+    out = dict(raw)
+    for key, value in overrides.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and \
+            isinstance(out.get(key), dict) else value
+    return out
+
+
+def _check_list(section: str, key: str, values, allowed, what: str) -> None:
+    if not values:
+        raise _fail(section, key, list(values), f"list at least one of {allowed}")
+    for v in values:
+        if v not in allowed:
+            raise _fail(section, key, list(values), f"unknown {what} {v!r}; choose from {allowed}")
+
+
 def validate(cfg: Config) -> None:
     """Check values that types alone do not catch; raise ConfigError with the fix."""
     f, p, s, st = cfg.features, cfg.projection, cfg.score, cfg.store
-    if not f.readouts:
-        raise _fail("features", "readouts", list(f.readouts), f"list at least one of {READOUTS}")
-    for r in f.readouts:
-        if r not in READOUTS:
-            raise _fail("features", "readouts", list(f.readouts),
-                        f"unknown readout {r!r}; choose from {READOUTS}")
+    _check_list("features", "readouts", f.readouts, READOUTS, "readout")
     if len(set(f.readouts)) != len(f.readouts):
         raise _fail("features", "readouts", list(f.readouts), "list each readout once")
     for key in ("timesteps", "noise_draws", "batch_size"):
@@ -321,12 +362,8 @@ def validate(cfg: Config) -> None:
                     f"{p.kind!r}, dim = {p.dim}); use backend = \"auto\"")
     if st.rows_per_unit < 1:
         raise _fail("store", "rows_per_unit", st.rows_per_unit, "must be >= 1 (typical: 64)")
-    if not s.methods:
-        raise _fail("score", "methods", list(s.methods), f"list at least one of {METHODS}")
+    _check_list("score", "methods", s.methods, METHODS, "method")
     for m in s.methods:
-        if m not in METHODS:
-            raise _fail("score", "methods", list(s.methods),
-                        f"unknown method {m!r}; choose from {METHODS}")
         if METHOD_READOUT[m] not in f.readouts:
             raise _fail("score", "methods", list(s.methods),
                         f"method {m!r} needs readout {METHOD_READOUT[m]!r}; add it to "

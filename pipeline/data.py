@@ -27,13 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = {"L": 1, "RGB": 3}
 _RANGE = re.compile(r"^(?P<name>.*?)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
-
-
-class DataError(ValueError):
-    """A dataset is missing, empty, or does not match the model."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +87,11 @@ def _to_unit_range(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype == np.uint8:
         return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def to_uint8(images_NCHW: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float -> uint8 (N, C, H, W), the inverse of reading uint8 data."""
+    return ((images_NCHW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
 def _open_image(path: Path):

@@ -32,35 +32,18 @@ RECIPE = {
     "sample_steps": 250,
 }
 
-CONFIG = """# Written by `das demo`; paths are relative to this file.
-[model]
-path = "base_model"
 
-[data]
-train = "{train}"
-[data.queries]
-val = "{val}"
-gen = "data/gen_png"
 
-[features]
-readouts = ["loss", "square", "mean"]
-timesteps = 10
-noise_draws = 1
-seed = 0
-batch_size = 25
-
-[projection]
-dim = 1024
-seed = 0
-
-[store]
-path = "runs/demo.zarr"
-rows_per_unit = 50
-
-[score]
-methods = ["trak", "dtrak", "das"]
-topk = 5
-"""
+def demo_config() -> dict:
+    """The demo's run (paths relative to the demo folder); written to <out>/demo.toml."""
+    return {
+        "model": {"path": "base_model"},
+        "data": {"train": RECIPE["train"], "queries": {"val": RECIPE["val"], "gen": "data/gen_png"}},
+        "features": {"readouts": ["loss", "square", "mean"], "timesteps": 10, "batch_size": 25},
+        "projection": {"dim": 1024},
+        "store": {"path": "runs/demo.zarr", "rows_per_unit": 50},
+        "score": {"methods": ["trak", "dtrak", "das"], "topk": 5},
+    }
 
 
 def _train_or_reuse(out: Path, show_progress: bool) -> tuple[bool, dict]:
@@ -85,7 +68,7 @@ def _train_or_reuse(out: Path, show_progress: bool) -> tuple[bool, dict]:
 
 def _generate(out: Path, retrained: bool) -> float:
     from .models import load_model
-    from .recipe import sample_ddpm, save_pngs
+    from .recipe import sample_keyed, save_pngs
 
     folder = out / "data" / "gen_png"
     if not retrained and len(list(folder.glob("*.png"))) == RECIPE["num_generated"]:
@@ -93,80 +76,33 @@ def _generate(out: Path, retrained: bool) -> float:
     started = time.perf_counter()
     shutil.rmtree(folder, ignore_errors=True)
     model = load_model(out / "base_model")
-    images = sample_ddpm(model.unet, model.scheduler, RECIPE["num_generated"],
-                         RECIPE["sample_seed"], RECIPE["sample_steps"])
+    seeds = [RECIPE["sample_seed"] + i for i in range(RECIPE["num_generated"])]
+    images = sample_keyed(model.unet, model.scheduler, seeds, RECIPE["sample_steps"])
     save_pngs(images, folder, prefix="gen")
     return time.perf_counter() - started
-
-
-def _tile(img_CHW: np.ndarray, scale: int) -> np.ndarray:
-    img = img_CHW[0] if img_CHW.shape[0] == 1 else img_CHW.transpose(1, 2, 0)
-    big = np.kron(img, np.ones((scale, scale) + img.shape[2:], dtype=np.uint8))
-    return big if big.ndim == 3 else np.repeat(big[..., None], 3, axis=2)
-
-
-def draw_attribution(cfg, out_png: Path, per_method: int = 5, scale: int = 6) -> Path:
-    """Picture: one row per query: the query, then the top proponents of each method."""
-    from PIL import Image, ImageDraw
-
-    from .data import open_dataset
-    from .recipe import to_uint8
-    from .score import read_scores
-
-    train = open_dataset("train", cfg.data.train)
-    train_u8 = to_uint8(train.load(0, len(train)))
-    methods = list(cfg.score.methods)
-    rows = []
-    for name, source in cfg.data.queries.items():
-        qs = open_dataset(name, source)
-        q_u8 = to_uint8(qs.load(0, len(qs)))
-        scores = {m: read_scores(cfg, name, m) for m in methods}
-        for q in range(len(qs)):
-            tops = {m: np.argsort(-scores[m][q], kind="stable")[:per_method] for m in methods}
-            rows.append((f"{name} {qs.uids[q]}", q_u8[q], tops))
-    h, w = train_u8.shape[2] * scale, train_u8.shape[3] * scale
-    pad, label_w, head = 4, 110, 18
-    group_w = per_method * (w + pad) + 3 * pad
-    width = label_w + w + 3 * pad + len(methods) * group_w
-    height = head + len(rows) * (h + pad) + pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, m in enumerate(methods):
-        draw.text((label_w + w + 3 * pad + j * group_w, 3), f"{m}: top-{per_method} proponents",
-                  fill="black")
-    for i, (label, q_img, tops) in enumerate(rows):
-        y = head + i * (h + pad)
-        draw.text((4, y + h // 2 - 6), label, fill="black")
-        canvas.paste(Image.fromarray(_tile(q_img, scale)), (label_w, y))
-        for j, m in enumerate(methods):
-            x0 = label_w + w + 3 * pad + j * group_w
-            for r, idx in enumerate(tops[m]):
-                canvas.paste(Image.fromarray(_tile(train_u8[idx], scale)), (x0 + r * (w + pad), y))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
-    return out_png
 
 
 def label_agreement(cfg, query_set: str, per_method: int = 5) -> dict[str, float]:
     """Fraction of top proponents whose digit label equals the query's (digits sources only)."""
     from .data import _parse, digits_labels
-    from .score import read_scores
+    from .store import read_scores
 
     labels = digits_labels()
     (_, trows), (_, qrows) = _parse(cfg.data.train), _parse(cfg.data.queries[query_set])
     train_labels, query_labels = labels[trows], labels[qrows]
     result = {}
     for m in cfg.score.methods:
-        top = np.argsort(-read_scores(cfg, query_set, m), axis=1, kind="stable")[:, :per_method]
+        top = np.argsort(-read_scores(cfg.store.path, query_set, m), axis=1, kind="stable")[:, :per_method]
         result[m] = float((train_labels[top] == query_labels[:, None]).mean())
     return result
 
 
 def run_demo(out: Path, show_progress: bool = True) -> dict:
     """Run the demo end to end in ``out``; returns the timings (seconds per stage)."""
-    from .config import load_config
+    from .config import dump_toml, load_config
     from .extract import run_extract
     from .reduce import run_reduce
+    from .report import draw_attribution
     from .score import run_score
     from .store import StoreError
 
@@ -177,7 +113,8 @@ def run_demo(out: Path, show_progress: bool = True) -> dict:
     times["train"] = time.perf_counter() - started
     times["generate"] = _generate(out, retrained)
     cfg_path = out / "demo.toml"
-    cfg_path.write_text(CONFIG.format(**RECIPE))
+    cfg_path.write_text("# Written by `das demo`; paths are relative to this file.\n"
+                        + dump_toml(demo_config()))
     cfg = load_config(cfg_path)
     if retrained:
         shutil.rmtree(cfg.store.path, ignore_errors=True)

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
+
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request, run me again"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Where ``DAS_FAULT=name:n`` can kill a worker, in the order one unit passes them.
-FAULT_POINTS = ("claim", "after_cache", "batch", "before_write", "mid_write", "before_marker",
-                "after_unit", "partial")
 _MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
@@ -44,7 +43,7 @@ def _launcher_world() -> int:
     """Processes the launcher started on this node (1 without a launcher).
 
     Raises:
-        ValueError: the environment shows ``accelerate launch --cpu --num_processes N>1``.
+        ConfigError: the environment shows ``accelerate launch --cpu --num_processes N>1``.
     """
     env = os.environ
     mpi = [int(env[v]) for v in _MPI_WORLD_VARS if v in env]
@@ -53,7 +52,7 @@ def _launcher_world() -> int:
     if mpi:
         return mpi[0]
     if env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env:
-        raise ValueError(
+        raise ConfigError(
             "`accelerate launch --cpu --num_processes N` started a single process (accelerate runs "
             "several CPU processes only through mpirun), so N ranks would not exist; use "
             "`accelerate launch --multi_gpu --num_processes N` (CPU is detected) or `torchrun "
@@ -70,7 +69,7 @@ def current(device: str | None = None) -> RankInfo:
     precedence over Slurm's own array variables.
 
     Raises:
-        ValueError: inconsistent launcher or array-task environment (message has the fix).
+        ConfigError: inconsistent launcher or array-task environment (message has the fix).
     """
     local_world = _launcher_world()
     local_rank = 0
@@ -80,7 +79,7 @@ def current(device: str | None = None) -> RankInfo:
 
         state = PartialState(cpu=not use_cuda)
         if state.num_processes != local_world:
-            raise ValueError(f"the launcher started {local_world} processes but accelerate sees "
+            raise ConfigError(f"the launcher started {local_world} processes but accelerate sees "
                              f"{state.num_processes}; launch with `accelerate launch --multi_gpu` "
                              f"or `torchrun`, not a single-process launcher")
         local_rank = state.process_index
@@ -95,7 +94,7 @@ def current(device: str | None = None) -> RankInfo:
     if "SLURM_ARRAY_TASK_MIN" in env and "DAS_ARRAY_TASK_ID" not in env:
         task -= int(env["SLURM_ARRAY_TASK_MIN"])
     if not 0 <= task < num_tasks:
-        raise ValueError(f"array task id {task} is outside [0, {num_tasks}); set DAS_ARRAY_TASKS "
+        raise ConfigError(f"array task id {task} is outside [0, {num_tasks}); set DAS_ARRAY_TASKS "
                          f"and DAS_ARRAY_TASK_ID consistently")
     return RankInfo(task * local_world + local_rank, num_tasks * local_world, local_rank, dev)
 
@@ -140,25 +139,6 @@ class StopFlag:
 
 class Preempted(RuntimeError):
     """Raised when a stop signal arrived; the current unit was dropped unmarked."""
-
-
-def fault_point(name: str) -> None:
-    """Test hook: ``DAS_FAULT=name:n`` sends SIGKILL to this process the n-th time it gets here.
-
-    With ``DAS_FAULT_TASK=i`` only the processes of array task i (DAS_ARRAY_TASK_ID) are hit.
-    """
-    spec = os.environ.get("DAS_FAULT")
-    if not spec or not spec.startswith(name + ":"):
-        return
-    task = os.environ.get("DAS_FAULT_TASK")
-    if task is not None and task != os.environ.get("DAS_ARRAY_TASK_ID"):
-        return
-    assert name in FAULT_POINTS, name
-    counter = f"_DAS_FAULT_COUNT_{name}"
-    count = int(os.environ.get(counter, "0")) + 1
-    os.environ[counter] = str(count)
-    if count == int(spec.split(":", 1)[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager

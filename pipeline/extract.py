@@ -23,6 +23,8 @@ from tqdm import tqdm
 from . import dist
 from .config import Config, result_settings
 from .data import DataOptions, Dataset, check_matches_model, open_dataset
+from .errors import ConfigError
+from .faults import fault_point
 from .features import FeatureSpec, per_sample_gradients, timestep_grid
 from .kernels import identity as projection_identity
 from .kernels import project
@@ -69,7 +71,7 @@ def prepare(cfg: Config, splits: list[str] | None = None) -> Job:
     if splits:
         unknown = [s for s in splits if s not in names]
         if unknown:
-            raise ValueError(f"--split {unknown[0]!r} is not a split of this config; choose from "
+            raise ConfigError(f"--split {unknown[0]!r} is not a split of this config; choose from "
                              f"{names}")
     model = load_model(cfg.model.path, cfg.model.lora)
     timestep_grid(model.num_train_timesteps, cfg.features.timesteps)  # raises if K > T
@@ -113,7 +115,7 @@ def unit_inputs(job: Job, split: Split, ds: Dataset, unit: int, stats: dict):
         cached = encode_unit(job, ds, lo, hi)
         split.write_cache(unit, cached)
         stats["cache_encoded"] += 1
-        dist.fault_point("after_cache")
+        fault_point("after_cache")
     return torch.from_numpy(cached["latents"]), torch.from_numpy(cached["text"])
 
 
@@ -131,7 +133,7 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
     for b_lo in range(lo, hi, cfg.features.batch_size):
         if stop:
             return None
-        dist.fault_point("batch")
+        fault_point("batch")
         b_hi = min(hi, b_lo + cfg.features.batch_size)
         cond = None if cond_all is None else cond_all[b_lo - lo:b_hi - lo]
         batch = _guard_memory(lambda b_lo=b_lo, b_hi=b_hi, cond=cond: per_sample_gradients(
@@ -161,7 +163,7 @@ def _guard_memory(compute, cfg: Config):
                 "out of memory" not in text and "can't allocate memory" not in text):
             raise
         f = cfg.features
-        raise ValueError(
+        raise ConfigError(
             f"a batch of per-sample gradients does not fit in memory ({text.splitlines()[0][:200]}); "
             f"lower [features] batch_size (now {f.batch_size}), set vmap_chunk_size (now "
             f"{f.vmap_chunk_size}, e.g. 4) or items_per_pass (now {f.items_per_pass}, e.g. 1), "
@@ -221,20 +223,20 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
             if split.is_done(unit):  # another worker (e.g. a requeued twin) finished it
                 continue
             split.claim(unit, rank.rank)
-            dist.fault_point("claim")
+            fault_point("claim")
             lo, hi = split.unit_rows(unit)
             inputs = unit_inputs(job, split, ds, unit, stats)
             data = unit_features(job, unet, ds, lo, hi, stop, inputs)
             if data is None:
                 raise dist.Preempted(f"signal {stop.signum}: dropped unit {unit} of {name!r} "
                                      f"unmarked after {written} units; rerun to continue")
-            dist.fault_point("before_write")
+            fault_point("before_write")
             if split.commit_unit(unit, data, rank.rank):
                 written += 1
                 samples += hi - lo
             bar.set_postfix(split=name, unit=unit)
             bar.update(hi - lo)
-            dist.fault_point("after_unit")
+            fault_point("after_unit")
             if stop:
                 raise dist.Preempted(f"signal {stop.signum}: stopped after unit {unit} of "
                                      f"{name!r}; rerun to continue")

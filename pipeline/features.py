@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, jacrev, vmap
 
+from .errors import ConfigError
+
 ALL_READOUTS = ("loss", "square", "mean")
 
 
@@ -41,7 +43,7 @@ class FeatureSpec:
 def timestep_grid(num_train_timesteps: int, num_timesteps: int) -> torch.Tensor:
     """(K,) int64: t_j = j * (T // K), j = 0..K-1."""
     if not 1 <= num_timesteps <= num_train_timesteps:
-        raise ValueError(f"[features] timesteps = {num_timesteps}: must be in [1, "
+        raise ConfigError(f"[features] timesteps = {num_timesteps}: must be in [1, "
                          f"{num_train_timesteps}] (the scheduler's train timesteps)")
     return torch.arange(num_timesteps, dtype=torch.int64) * (num_train_timesteps // num_timesteps)
 

@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError, ModelError
+
 PIXEL, LATENT = "DDPMPipeline", "StableDiffusionPipeline"
 PREDICTIONS = ("epsilon", "v_prediction")
-
-
-class ModelError(ValueError):
-    """The model folder is missing, incomplete or unsupported."""
 
 
 @dataclass
@@ -211,7 +209,7 @@ def attributed_params(model: DiffusionModel, patterns: tuple[str, ...] = ()) -> 
     Default: every parameter, or only the LoRA parameters when LoRA adapters are loaded.
 
     Raises:
-        ValueError: a pattern matches no parameter.
+        ConfigError: a pattern matches no parameter.
     """
     names = [n for n, _ in model.unet.named_parameters()]
     if not patterns:
@@ -220,7 +218,7 @@ def attributed_params(model: DiffusionModel, patterns: tuple[str, ...] = ()) -> 
     for pattern in patterns:
         hits = fnmatch.filter(names, pattern)
         if not hits:
-            raise ValueError(f"[features] params pattern {pattern!r} matches no UNet parameter; "
+            raise ConfigError(f"[features] params pattern {pattern!r} matches no UNet parameter; "
                              f"names look like {names[0]!r}")
         chosen.update(hits)
     return [n for n in names if n in chosen]

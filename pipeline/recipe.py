@@ -10,7 +10,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -86,31 +85,26 @@ def train_ddpm(unet, scheduler, images_NCHW: torch.Tensor, steps: int, seed: int
 
 
 @torch.no_grad()
-def sample_ddpm(unet, scheduler, num: int, seed: int, num_inference_steps: int | None = None
-                ) -> torch.Tensor:
-    """Ancestral DDPM sampling from keyed initial noise; returns (num, C, H, W) in [-1, 1]."""
+def sample_keyed(unet, scheduler, seeds: list[int], num_inference_steps: int) -> torch.Tensor:
+    """(Q, C, H, W) ancestral DDPM samples in [-1, 1]; row q uses only torch.Generator(seeds[q]),
+    so a row is the same whatever the batch it is drawn in."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(scheduler.config)
-    sched.set_timesteps(num_inference_steps or sched.config.num_train_timesteps)
-    gen = torch.Generator().manual_seed(seed)
-    c = unet.config.in_channels
-    s = unet.config.sample_size
-    x = torch.randn((num, c, s, s), generator=gen)
+    sched.set_timesteps(num_inference_steps)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    c, size = unet.config.in_channels, unet.config.sample_size
+    x = torch.cat([torch.randn((1, c, size, size), generator=g) for g in gens])
     for t in sched.timesteps:
-        eps = unet(x, t).sample
-        x = sched.step(eps, t, x, generator=gen).prev_sample
+        x = sched.step(unet(x, t).sample, t, x, generator=gens).prev_sample
     return x.clamp(-1, 1)
-
-
-def to_uint8(images_NCHW: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float -> uint8 (N, C, H, W)."""
-    return ((images_NCHW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
 def save_pngs(images_NCHW: torch.Tensor, folder: str | Path, prefix: str = "q") -> list[Path]:
     """Save images as 8-bit PNGs (L or RGB) named so that sorted order equals row order."""
     from PIL import Image
+
+    from .data import to_uint8
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

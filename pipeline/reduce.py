@@ -1,17 +1,9 @@
-"""`das reduce`: streamed float64 Gram per readout, one eigendecomposition, damping, leverage.
+"""`das reduce`: stream the train features into one factor per readout and store it.
 
-    G = Phi^T Phi = sum_i phi_i phi_i^T                (k x k, float64)
-    G = V diag(e) V^T                                   (eigh, once)
-    (G + lambda I)^-1 x = V diag(1 / (e + lambda)) V^T x (any lambda in O(k^2))
-    lambda = c * trace(G) / k (relative) or c (absolute)
-    h_i = phi_i (G + lambda I)^-1 phi_i^T               (leverage)
-
-When N < k the Gram has rank <= N: the factor is then computed from the N x N kernel
-Phi Phi^T = U diag(e) U^T, with V = Phi^T U diag(e)^-1/2 (k x R, R = numerical rank), and
-(G + lambda I)^-1 x = V diag(1 / (e + lambda)) V^T x + (x - V V^T x) / lambda. This is exact;
-the eigendecomposition costs O(N^2 k + N^3) instead of O(k^3) (at k = 8192 the k x k eigh alone
-takes minutes on a CPU). The k x k Gram is then neither formed nor stored (it would be 8 GB
-per readout at k = 32768): ``stored_gram`` rebuilds it from the factor when asked.
+The maths (Gram, eigendecomposition, the N < k dual, damping, leverage) is in ``linalg``; this
+module owns where the features come from and where the factor goes. For N < k the k x k Gram is
+neither formed nor stored (8 GB per readout at k = 32768): ``stored_gram`` rebuilds it from the
+thin factor when asked.
 
 Partial Grams: a rank may store G_r = sum over its train units (``write_partial``); the reduce
 job sums them when one world's partials cover every unit exactly once and match the current
@@ -25,93 +17,16 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .config import METHOD_READOUT, Config
-from .dist import fault_point
-from .store import Split, Store, StoreError
-
-
-@dataclass
-class Factor:
-    """Eigendecomposition of one readout's Gram: G = V diag(e) V^T, V (K, R) orthonormal.
-
-    R = K for the full factor; R < K for the thin factor of the N < K case, whose remaining
-    eigenvalues are 0 (``solve`` and ``leverage`` account for that complement exactly).
-    """
-
-    eigvals_K: torch.Tensor
-    eigvecs_KK: torch.Tensor
-    trace: float
-    num_samples: int
-    num_dims: int = 0
-    """k, the projection dimension; 0 means eigvecs are square (R = k)."""
-
-    @property
-    def dim(self) -> int:
-        return self.num_dims or self.eigvecs_KK.shape[0]
-
-    @property
-    def thin(self) -> bool:
-        return self.eigvecs_KK.shape[1] < self.dim
-
-    def damping(self, c: float, absolute: bool = False) -> float:
-        """lambda = c * trace(G) / k, or c itself when ``absolute``."""
-        return float(c) if absolute else float(c) * self.trace / self.dim
-
-    def solve(self, x_KQ: torch.Tensor, lam: float) -> torch.Tensor:
-        """(G + lam I)^-1 x for x of shape (K, Q), float64."""
-        v = self.eigvecs_KK
-        x = x_KQ.to(v.dtype)
-        coords = v.T @ x
-        out = v @ (coords / (self.eigvals_K + lam)[:, None])
-        if self.thin:
-            out += (x - v @ coords) / lam
-        return out
-
-    def leverage(self, feats_NK: torch.Tensor, lam: float) -> torch.Tensor:
-        """h_i = phi_i (G + lam I)^-1 phi_i^T, float64 (N,)."""
-        feats = feats_NK.to(self.eigvecs_KK.dtype)
-        coords_NR = feats @ self.eigvecs_KK
-        h = (coords_NR.pow(2) / (self.eigvals_K + lam)).sum(1)
-        if self.thin:
-            h += (feats.pow(2).sum(1) - coords_NR.pow(2).sum(1)).clamp_min(0) / lam
-        return h
-
-
-def gram(feature_blocks, dim: int, device="cpu") -> torch.Tensor:
-    """Sum of phi^T phi over an iterable of (n, K) blocks, accumulated in float64."""
-    gram_KK = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    for block in feature_blocks:
-        f = torch.as_tensor(block).to(device, torch.float64)
-        gram_KK.addmm_(f.T, f)
-    return gram_KK
-
-
-def factor(gram_KK: torch.Tensor, num_samples: int) -> Factor:
-    """Eigendecomposition of a symmetric PSD Gram; round-off negatives are clamped to 0."""
-    gram_KK = 0.5 * (gram_KK + gram_KK.T)
-    eigvals, eigvecs = torch.linalg.eigh(gram_KK)
-    return Factor(eigvals.clamp_min(0.0), eigvecs, float(torch.trace(gram_KK)), num_samples)
-
-
-def dual_factor(feats_NK) -> Factor:
-    """Thin factor of G = Phi^T Phi from the N x N kernel Phi Phi^T (exact; for N < K).
-
-    Args:
-        feats_NK: train features (N, K), tensor or array.
-    """
-    phi = torch.as_tensor(feats_NK).to(torch.float64)
-    kern_NN = phi @ phi.T
-    e, u = torch.linalg.eigh(0.5 * (kern_NN + kern_NN.T))
-    keep = e > e.max().clamp_min(0) * 1e-12
-    e, u = e[keep], u[:, keep]
-    v_KR = (phi.T @ u) / e.sqrt()
-    return Factor(e, v_KR, float(phi.pow(2).sum()), phi.shape[0], num_dims=phi.shape[1])
+from .errors import ConfigError, StoreError
+from .faults import fault_point
+from .linalg import Factor, dual_factor, factor, gram
+from .store import Split, Store
 
 
 def markers_digest(markers: np.ndarray) -> str:
@@ -227,7 +142,7 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
             unusable.
     """
     if partials not in ("auto", "require", "ignore"):
-        raise ValueError(f"--partials {partials!r}: choose auto, require or ignore")
+        raise ConfigError(f"--partials {partials!r}: choose auto, require or ignore")
     store = Store.open_existing(cfg.store.path)
     train = store.split("train")
     markers = train.require_complete()

@@ -1,61 +1,27 @@
 """`das score`: stream training units against preconditioned queries; write scores and top-k.
 
-For readout R with factor (G_R + lambda I):
-    base_R(q, i) = phi_R(q) (G_R + lambda I)^-1 phi_R(i)^T
-    trak = base_loss,  dtrak = base_square
-    das_signed(q, i) = base_mean(q, i) * w_i / (1 - h_i)^gamma,  das = das_signed^2
-    w_i = r_i (RMS loss residual) or rho_i (signed mean residual), per [score] residual
-Positive scores are proponents. Queries are preconditioned once ((K, Q) per readout); each
-training unit then costs one (n, K) x (K, Q) product, so neither N x Q nor N x K is ever held.
+The formulas are ``scoring.attribution``. Queries are preconditioned once ((K, Q) per readout);
+each training unit then costs one (n, K) x (K, Q) product, so neither N x Q nor N x K is ever
+held. Scores go to ``<store>/scores/<query set>/<method>`` (Q, N); the top-k per query goes to
+the reports folder as CSV (``report.write_topk_csv``).
 
 Legend: N train rows, n rows of one unit, Q queries, K projection dim.
 """
 
 from __future__ import annotations
 
-import csv
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .config import METHOD_READOUT, Config
-from .reduce import Factor, load_factor, markers_digest
-from .store import Store, StoreError
-
-LEVERAGE_FLOOR = 1e-12  # 1 - h_i is clamped here; exact arithmetic keeps h_i < 1 when lambda > 0
-
-
-def score_block(feats_nK: dict[str, torch.Tensor], precond_KQ: dict[str, torch.Tensor],
-                residual_n: torch.Tensor | None, leverage_n: torch.Tensor | None,
-                methods, gamma: float) -> dict[str, torch.Tensor]:
-    """Scores (Q, n) of one block of training rows for each method (float64 math).
-
-    Args:
-        feats_nK: train features per readout, (n, K).
-        precond_KQ: (G_R + lambda I)^-1 phi_R(queries)^T per readout, (K, Q).
-        residual_n, leverage_n: the residual weight (r_i or rho_i) and h_i (needed by das,
-            das_signed).
-    """
-    base = {r: (f.to(torch.float64) @ precond_KQ[r]).T for r, f in feats_nK.items()}
-    out = {}
-    for m in methods:
-        if m in ("trak", "dtrak"):
-            out[m] = base[METHOD_READOUT[m]]
-        else:
-            loo = (1.0 - leverage_n).clamp_min(LEVERAGE_FLOOR).pow(gamma)
-            signed = base["mean"] * (residual_n.to(torch.float64) / loo)[None, :]
-            out[m] = signed if m == "das_signed" else signed.pow(2)
-    return out
-
-
-def _merge_topk(best_val, best_idx, block_QN, offset, k):
-    vals = torch.cat([best_val, block_QN], dim=1)
-    idx = torch.cat([best_idx, torch.arange(block_QN.shape[1]).add(offset).expand_as(block_QN)], 1)
-    top = torch.topk(vals, k, dim=1)
-    return top.values, torch.gather(idx, 1, top.indices)
+from .linalg import Factor
+from .reduce import load_factor, markers_digest
+from .report import write_topk_csv
+from .scoring import merge_topk, score_block
+from .store import Store
 
 
 def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: bool = True,
@@ -103,8 +69,9 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
                 data = train.read_unit(unit, readouts, train_markers[unit])
                 lo, hi = train.unit_rows(unit)
                 feats = {r: torch.from_numpy(data.features[r]).to(device) for r in readouts}
+                # The leverage is needed only by das / das_signed with gamma != 0.
                 lev = (factors["mean"].leverage(feats["mean"], lams["mean"])
-                       if "mean" in readouts else None)
+                       if "mean" in readouts and cfg.score.gamma != 0 else None)
                 residual = torch.from_numpy(data.rho if cfg.score.residual == "rho"
                                             else data.residual).to(device)
                 block = score_block(feats, precond, residual, lev, methods, cfg.score.gamma)
@@ -112,7 +79,7 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
                     scores = block[m].cpu()
                     arrays[m][q_lo:q_hi, lo:hi] = scores.numpy().astype(dtype)
                     val, idx = best[m]
-                    val[q_lo:q_hi], idx[q_lo:q_hi] = _merge_topk(
+                    val[q_lo:q_hi], idx[q_lo:q_hi] = merge_topk(
                         val[q_lo:q_hi], idx[q_lo:q_hi], scores.to(torch.float64), lo, topk)
         group.attrs.update({
             "methods": methods, "damping": cfg.score.damping,
@@ -125,31 +92,3 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
         summary[name] = {"seconds": time.perf_counter() - started, "queries": Q,
                          "csv": [str(p) for p in paths]}
     return summary
-
-
-def write_topk_csv(folder: Path, query_uids: list[str], train_uids: list[str], best) -> list[Path]:
-    """One CSV per method: query_row, query_uid, rank, train_row, train_uid, score."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for method, (vals, idx) in best.items():
-        path = folder / f"{method}_topk.csv"
-        with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["query_row", "query_uid", "rank", "train_row", "train_uid", "score"])
-            for q in range(vals.shape[0]):
-                for rank in range(vals.shape[1]):
-                    i = int(idx[q, rank])
-                    w.writerow([q, query_uids[q], rank + 1, i, train_uids[i],
-                                f"{float(vals[q, rank]):.9g}"])
-        paths.append(path)
-    return paths
-
-
-def read_scores(cfg: Config, query_set: str, method: str) -> np.ndarray:
-    """The (Q, N) score matrix of one method, as written by ``run_score``."""
-    store = Store.open_existing(cfg.store.path)
-    try:
-        return store.root["scores"][query_set][method][...]
-    except KeyError:
-        raise StoreError(f"no scores for {query_set!r}/{method!r} in {store.path}; run "
-                         f"`das score CONFIG`") from None

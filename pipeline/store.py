@@ -40,7 +40,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .dist import fault_point
+from .errors import StoreError
+from .faults import fault_point
 
 FORMAT_VERSION = 1
 MARKER_FIXED = 5  # done, rows, time, pid, rank
@@ -49,10 +50,6 @@ MARKER_FIXED = 5  # done, rows, time, pid, rank
 LOCK_STALE_S = 300.0
 # float64 holds integers exactly up to 2**53: the host id fits.
 HOST_ID = float(int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:6], "little"))
-
-
-class StoreError(ValueError):
-    """The store does not match the config, or holds incomplete or corrupt data."""
 
 
 def fingerprint_hash(fingerprint: dict) -> str:
@@ -294,15 +291,6 @@ class Split:
         marker = [1.0, hi - lo, time.time(), os.getpid(), rank] + _checksums(data, self.readouts)
         self.group["markers"][unit] = np.asarray(marker, dtype=np.float64)
 
-    def write_unit(self, unit: int, data: UnitData, rank: int = 0) -> None:
-        """Write one unit's chunks, then its marker. Idempotent: same data, same chunks."""
-        self.write_data(unit, data)
-        self.mark(unit, data, rank)
-
-    @property
-    def has_cache(self) -> bool:
-        return "cache" in self.group
-
     def cache_done(self, unit: int) -> bool:
         return bool(self.group["cache"]["markers"][unit, 0] == 1.0)
 
@@ -401,6 +389,28 @@ class Split:
             data.features = {r: data.features[r] for r in readouts}
         return data
 
+    def verify(self, fix: bool = False) -> list[int]:
+        """Re-read every marked unit against its marker; return the units that fail.
+
+        With ``fix`` each failing unit is unmarked under its unit lock (after a second check
+        there, so a unit a worker just committed is left alone), and `das extract` redoes it.
+        """
+        markers = self.markers()
+        bad = []
+        for unit in np.flatnonzero(markers[:, 0] == 1.0):
+            try:
+                self.read_unit(int(unit), marker=markers[unit])
+            except StoreError:
+                bad.append(int(unit))
+        if fix:
+            for unit in bad:
+                with self._unit_lock(unit):
+                    try:
+                        self.read_unit(unit)
+                    except StoreError:
+                        self.group["markers"][unit] = 0.0
+        return bad
+
     def require_complete(self) -> np.ndarray:
         """Return the markers, or raise StoreError naming the missing units."""
         markers = self.markers()
@@ -410,3 +420,17 @@ class Split:
                              f"not extracted (e.g. {missing[:5].tolist()}); run "
                              f"`das extract CONFIG --split {self.name}` to finish them")
         return markers
+
+
+def read_scores(path: str | Path, query_set: str, method: str) -> np.ndarray:
+    """The (Q, N) score matrix of one method, as written by `das score`.
+
+    Raises:
+        StoreError: no store at ``path``, or no scores for that query set and method.
+    """
+    store = Store.open_existing(path)
+    try:
+        return store.root["scores"][query_set][method][...]
+    except KeyError:
+        raise StoreError(f"no scores for {query_set!r}/{method!r} in {store.path}; run "
+                         f"`das score CONFIG`") from None

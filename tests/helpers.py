@@ -3,66 +3,49 @@
 import math
 from pathlib import Path
 
+import tomllib
 import torch
 
+from das_pipeline.config import dump_toml
 from das_pipeline.features import item_grid, keyed_noise
 from das_pipeline.kernels.reference import matrix_block
 
-TINY_TOML = """
-[model]
-path = "{model}"
-
-[data]
-train = "{train}"
-[data.queries]
-{queries}
-
-[features]
-readouts = {readouts}
-timesteps = {timesteps}
-noise_draws = {noise_draws}
-seed = 0
-normalize = {normalize}
-dtype = "{dtype}"
-batch_size = {batch_size}
-
-[projection]
-dim = {dim}
-seed = 0
-
-[store]
-path = "{store}"
-rows_per_unit = {rows_per_unit}
-
-[score]
-methods = {methods}
-damping = {damping}
-gamma = {gamma}
-topk = 5
-"""
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# Flat keyword -> (section, key) of the settings tests override.
+_KEYS = {"model": ("model", "path"), "train": ("data", "train"), "store": ("store", "path"),
+         **{k: ("features", k) for k in ("readouts", "timesteps", "noise_draws", "normalize", "dtype",
+                                         "batch_size", "seed", "params")},
+         "dim": ("projection", "dim"), "kind": ("projection", "kind"),
+         "rows_per_unit": ("store", "rows_per_unit"),
+         **{k: ("score", k) for k in ("methods", "damping", "gamma", "topk", "residual")}}
 
 
-def _toml_list(items) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+def example_config(path: Path, name: str, queries: dict | None = None, drop=(), **overrides) -> Path:
+    """Write examples/<name>.toml to ``path`` with settings replaced (flat keywords, see _KEYS).
 
-
-def _toml_list(items) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+    ``queries`` replaces the whole [data.queries] table; ``drop`` lists (section, key) to remove.
+    """
+    raw = tomllib.loads((EXAMPLES / f"{name}.toml").read_text())
+    for flat, value in overrides.items():
+        section, key = _KEYS[flat]
+        raw.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
+    if queries is not None:
+        raw["data"]["queries"] = {k: str(v) for k, v in queries.items()}
+    for section, key in drop:
+        raw[section].pop(key, None)
+    path.write_text(dump_toml(raw))
+    return path
 
 
 def write_config(path: Path, model_dir: Path, **overrides) -> Path:
-    """Write a tiny TOML config (keyword arguments override the defaults) and return its path."""
+    """The tiny test config: examples/digits.toml on digits rows with a small model, K and k
+    (keyword arguments override these)."""
     values = dict(model=model_dir, train="digits[0:40]", queries={"val": "digits[100:106]"},
-                  readouts=("loss", "square", "mean"), timesteps=4, noise_draws=1,
-                  normalize="false", dtype="float32", batch_size=8, dim=64,
-                  store=path.parent / "store.zarr", rows_per_unit=16,
-                  methods=("trak", "dtrak", "das"), damping=0.01, gamma=1.0)
+                  timesteps=4, batch_size=8, dim=64, store=path.parent / "store.zarr",
+                  rows_per_unit=16, damping=0.01, gamma=1.0, topk=5)
     values.update(overrides)
-    values["queries"] = "\n".join(f'{k} = "{v}"' for k, v in values["queries"].items())
-    values["readouts"] = _toml_list(values["readouts"])
-    values["methods"] = _toml_list(values["methods"])
-    path.write_text(TINY_TOML.format(**values))
-    return path
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+    return example_config(path, "digits", **values)
 
 
 def loop_gradients(unet, scheduler, x, uids, spec):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from das_pipeline import dist
 from das_pipeline.config import load_config
 from das_pipeline.store import Store
@@ -29,36 +30,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # float32 features from processes with other thread counts agree to ~1e-6 of their scale (~1).
 ATOL = 1e-5
 
-CONFIG = """
-[model]
-path = "{model}"
-[data]
-train = "digits[0:40]"
-[data.queries]
-val = "digits[100:106]"
-[features]
-readouts = ["loss", "square", "mean"]
-timesteps = 4
-seed = 0
-batch_size = 8
-[projection]
-dim = 32
-seed = 0
-[store]
-path = "{store}"
-rows_per_unit = {rows_per_unit}
-[score]
-methods = ["trak", "dtrak", "das"]
-damping = 0.01
-topk = 5
-"""
-
-
 def write_config(path: Path, model: Path, store: Path, rows_per_unit: int = 4) -> Path:
     """The scale tests' tiny config: 40 train rows, 6 queries, 3 readouts, k = 32 (N >= k:
     the partial-Gram path)."""
-    path.write_text(CONFIG.format(model=model, store=store, rows_per_unit=rows_per_unit))
-    return path
+    return helpers.write_config(path, model, store=store, rows_per_unit=rows_per_unit, dim=32,
+                                gamma=0.0)
 
 
 def das_env(**extra: str) -> dict[str, str]:

@@ -7,7 +7,8 @@ import numpy as np
 from das_pipeline.config import load_config
 from das_pipeline.extract import run_extract
 from das_pipeline.reduce import run_reduce
-from das_pipeline.score import read_scores, run_score
+from das_pipeline.score import run_score
+from das_pipeline.store import read_scores
 
 
 def test_run_writes_scores_and_topk(make_config):
@@ -17,7 +18,7 @@ def test_run_writes_scores_and_topk(make_config):
     run_reduce(cfg, show_progress=False)
     run_score(cfg, show_progress=False)
     for method in ("trak", "dtrak", "das"):
-        scores = read_scores(cfg, "val", method)
+        scores = read_scores(cfg.store.path, "val", method)
         assert scores.shape == (6, 40)
         assert np.isfinite(scores).all()
         with open(cfg.reports_dir / "val" / f"{method}_topk.csv") as fh:
@@ -26,4 +27,4 @@ def test_run_writes_scores_and_topk(make_config):
         first = rows[0]
         assert float(first["score"]) == np.float32(scores[0].max())
         assert int(first["train_row"]) == int(np.argmax(scores[0]))
-    assert (read_scores(cfg, "val", "das") >= 0).all()
+    assert (read_scores(cfg.store.path, "val", "das") >= 0).all()

@@ -6,45 +6,18 @@ import sys
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from das_pipeline.cli import main
-from das_pipeline.config import load_config
+from das_pipeline.config import dump_toml, load_config
 from das_pipeline.data import DataOptions, open_dataset
 from das_pipeline.extract import run_extract
 from das_pipeline.features import FeatureSpec, item_grid, keyed_noise, per_sample_gradients
 from das_pipeline.models import attributed_params, encode_captions, encode_images, load_model
-from das_pipeline.score import read_scores
-from das_pipeline.store import Store
+from das_pipeline.store import Store, read_scores
+from helpers import example_config
 from tiny_sd import build_captioned_folder, build_lora, build_pipeline, tiny_cond_unet
-
-SD_TOML = """
-[model]
-path = "{pipe}"
-{lora_line}
-
-[data]
-train = "{train}"
-resize = {resize}
-[data.queries]
-self = "{train}[0:{num_queries}]"
-
-[features]
-timesteps = 3
-batch_size = 8
-
-[projection]
-dim = {dim}
-
-[store]
-path = "{store}"
-rows_per_unit = 8
-
-[score]
-methods = ["trak", "dtrak", "das"]
-damping = 0.001
-topk = 3
-"""
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +32,21 @@ def sd(tmp_path_factory):
     return {"pipe": pipe, "lora": lora, "other_lora": other, "images": images, "root": root}
 
 
-def write_cfg(tmp_path, sd, lora="lora", train=None, resize="false", dim=32, num_queries=24):
-    lora_line = f'lora = "{sd[lora]}"' if lora else ""
-    path = tmp_path / "sd.toml"
-    path.write_text(SD_TOML.format(pipe=sd["pipe"], lora_line=lora_line, dim=dim,
-                                   train=train or sd["images"], resize=resize,
-                                   num_queries=num_queries, store=tmp_path / "sd.zarr"))
+def write_cfg(tmp_path, sd, lora="lora", train=None, resize=False, dim=32, num_queries=24):
+    """examples/sd_lora.toml on the tiny pipeline: train images, their first rows as queries."""
+    train = str(train or sd["images"])
+    path = example_config(tmp_path / "sd.toml", "sd_lora", model=str(sd["pipe"]), train=train,
+                          queries={"self": f"{train}[0:{num_queries}]"}, timesteps=3,
+                          batch_size=8, dim=dim, store=str(tmp_path / "sd.zarr"), rows_per_unit=8,
+                          damping=0.001, topk=3,
+                          drop=[("data", "center_crop"), ("features", "vmap_chunk_size")])
+    raw = tomllib.loads(path.read_text())
+    raw["data"]["resize"] = resize
+    if lora:
+        raw["model"]["lora"] = str(sd[lora])
+    else:
+        del raw["model"]["lora"]
+    path.write_text(dump_toml(raw))
     return path
 
 
@@ -80,7 +62,7 @@ def test_run_attributes_only_lora_and_ranks_training_samples_first(tmp_path, sd,
     assert f"{lora_params} attributed parameters" in out
     cfg = load_config(cfg_path)
     for method in ("trak", "dtrak"):
-        top1 = np.argmax(read_scores(cfg, "self", method), axis=1)
+        top1 = np.argmax(read_scores(cfg.store.path, "self", method), axis=1)
         share = float(np.mean(top1 == np.arange(24)))
         assert share >= 0.9, f"{method}: {share:.0%} of training queries rank themselves first"
 

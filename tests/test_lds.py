@@ -9,8 +9,8 @@ import pytest
 from scipy.stats import rankdata, spearmanr
 
 from das_pipeline.cli import main
-from das_pipeline.lds import (
-    LdsError,
+from das_pipeline.eval.lds import (
+    EvalError,
     lds_per_query,
     load_subsets,
     load_truth,
@@ -109,9 +109,9 @@ def test_subsets_and_truth_round_trip_and_errors(tmp_path):
     assert s.train_uids[3] == "u3"
     np.savez(tmp_path / "bad.npz", mask=mask.astype(int), seeds=np.zeros(3, int),
              train_uids=np.array(["a"] * 10))
-    with pytest.raises(LdsError, match="save a 2-D bool"):
+    with pytest.raises(EvalError, match="save a 2-D bool"):
         load_subsets(tmp_path / "bad.npz")
-    with pytest.raises(LdsError, match="alpha"):
+    with pytest.raises(EvalError, match="alpha"):
         make_subsets(10, 3, 1.5)
     F = np.random.default_rng(0).standard_normal((3, 4))
     save_truth(tmp_path / "t.npz", F, ["a", "b", "c", "d"], np.arange(3))
@@ -119,7 +119,7 @@ def test_subsets_and_truth_round_trip_and_errors(tmp_path):
     np.testing.assert_array_equal(F2, F)
     assert uids == ["a", "b", "c", "d"] and rows.tolist() == [0, 1, 2]
     np.savez(tmp_path / "nan.npz", F=np.full((3, 4), np.nan))
-    with pytest.raises(LdsError, match="non-finite"):
+    with pytest.raises(EvalError, match="non-finite"):
         load_truth(tmp_path / "nan.npz")
 
 

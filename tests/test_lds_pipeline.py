@@ -12,12 +12,15 @@ import pytest
 import torch
 
 from das_pipeline.config import load_config
+from das_pipeline.errors import EvalError
+from das_pipeline.eval.lds import make_subsets, save_subsets
+from das_pipeline.eval.sweep import Variant, read_split, sweep_predictions
 from das_pipeline.extract import run_extract
-from das_pipeline.lds import LdsError, make_subsets, save_subsets
-from das_pipeline.lds_sweep import Variant, dual_factor, read_split, sweep_predictions
-from das_pipeline.reduce import factor, gram, run_reduce
-from das_pipeline.score import read_scores, run_score, score_block
-from das_pipeline.store import Store
+from das_pipeline.linalg import dual_factor, factor, gram
+from das_pipeline.reduce import run_reduce
+from das_pipeline.score import run_score
+from das_pipeline.scoring import score_block
+from das_pipeline.store import Store, read_scores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_stored_scores_are_read_in_column_blocks(tmp_path):
     import zarr
 
-    from das_pipeline.lds_sweep import eval_stored_scores
+    from das_pipeline.eval.sweep import eval_stored_scores
 
     rng = np.random.default_rng(2)
     root = zarr.open_group(tmp_path / "s.zarr", mode="w")
@@ -120,7 +123,7 @@ def test_rho_residual_scores_are_r_scores_rescaled(make_config, tmp_path):
     out = {}
     for k, cfg in cfgs.items():
         run_score(cfg, show_progress=False)
-        out[k] = read_scores(cfg, "val", "das_signed").astype(np.float64)
+        out[k] = read_scores(cfg.store.path, "val", "das_signed").astype(np.float64)
     train = Store.open_existing(cfgs["r"].store.path).split("train")
     r, rho = train.group["residual"][...], train.group["rho"][...]
     np.testing.assert_allclose(out["rho"], out["r"] * (rho / r)[None, :], rtol=2e-4, atol=1e-7)
@@ -132,8 +135,8 @@ def test_rho_residual_scores_are_r_scores_rescaled(make_config, tmp_path):
 
 def test_truth_is_keyed_per_query_and_matches_a_plain_loop(tiny_model_dir):
     from das_pipeline.data import open_dataset
+    from das_pipeline.eval.truth import model_output, query_items
     from das_pipeline.features import keyed_noise
-    from das_pipeline.lds_train import model_output, query_items
     from das_pipeline.models import load_model
 
     model = load_model(tiny_model_dir)
@@ -162,7 +165,7 @@ RECIPE = {"widths": [8, 16], "attention": False, "num_train_timesteps": 50, "ste
 
 
 def test_train_is_resumable_deterministic_and_refuses_other_recipes(tmp_path):
-    from das_pipeline.lds_train import run_train
+    from das_pipeline.eval.retrain import run_train
     from das_pipeline.models import load_model
 
     mask = make_subsets(16, 3, 0.5, seed=0)
@@ -176,18 +179,18 @@ def test_train_is_resumable_deterministic_and_refuses_other_recipes(tmp_path):
     w1 = load_model(tmp_path / "models" / "0001" / "model").digest
     assert w1 == load_model(tmp_path / "again" / "0001" / "model").digest
     assert w1 != load_model(tmp_path / "models" / "0002" / "model").digest
-    with pytest.raises(LdsError, match="another subset, seed or recipe"):
+    with pytest.raises(EvalError, match="another subset, seed or recipe"):
         run_train("digits[0:16]", subsets, tmp_path / "models", {**RECIPE, "steps": 4}, log=quiet)
 
 
 def test_own_training_command_hook(tmp_path):
-    from das_pipeline.lds_train import MARKER, run_train
+    from das_pipeline.eval.retrain import MARKER, run_train
 
     script = tmp_path / "my_train.py"
     script.write_text(
         "import json, sys\n"
         "from das_pipeline.data import open_dataset\n"
-        "from das_pipeline.lds_train import train_recipe\n"
+        "from das_pipeline.eval.retrain import train_recipe\n"
         "from das_pipeline.recipe import save_pipeline\n"
         "sub = json.load(open(sys.argv[1]))\n"
         "x = open_dataset('t', 'digits[0:16]').load(0, 16)[sub['rows']]\n"
@@ -200,18 +203,17 @@ def test_own_training_command_hook(tmp_path):
     sub = json.loads((tmp_path / "m" / "0001" / "subset.json").read_text())
     assert sub["seed"] == 6 and sub["rows"] == np.flatnonzero(mask[1]).tolist()
     assert (tmp_path / "m" / "0001" / MARKER).is_file()
-    with pytest.raises(LdsError, match=r"lacks \{output_dir\}"):
+    with pytest.raises(EvalError, match=r"lacks \{output_dir\}"):
         run_train("digits[0:16]", subsets, tmp_path / "n", None, "train.sh {subset_file}")
 
 
 def test_keyed_sampling_is_independent_of_the_batch(tiny_model_dir):
-    from das_pipeline.counterfactual import sample_keyed
     from das_pipeline.models import load_model
-    from das_pipeline.recipe import sample_ddpm
+    from das_pipeline.recipe import sample_keyed
 
     model = load_model(tiny_model_dir)
     batch = sample_keyed(model.unet, model.scheduler, [11, 12, 13], 10)
-    alone = sample_ddpm(model.unet, model.scheduler, 1, 12, 10)
+    alone = sample_keyed(model.unet, model.scheduler, [12], 10)
     torch.testing.assert_close(batch[1:2], alone, rtol=1e-4, atol=1e-5)
 
 

@@ -1,6 +1,6 @@
 """Crashes, preemption and duplicate workers, with real signals on real `das extract` processes.
 
-- SIGKILL at 10 seeded random fault points (dist.FAULT_POINTS), a rerun after each: no marked
+- SIGKILL at 10 seeded random fault points (faults.FAULT_POINTS), a rerun after each: no marked
   unit is ever incomplete, a marked unit is never rewritten, and the final store equals the
   uninterrupted one; a kill while writing the partial Grams leaves them unused, not wrong.
 - SIGTERM (a real process) / SIGUSR1 (in process): the worker drops or finishes its unit,
@@ -34,7 +34,7 @@ from test_dist import (
     write_config,
 )
 
-from das_pipeline import dist
+from das_pipeline import dist, faults
 from das_pipeline.config import load_config
 from das_pipeline.store import HOST_ID, Store, StoreError, UnitData
 
@@ -72,7 +72,7 @@ def test_sigkill_at_ten_random_points_then_resume(reference, tmp_path, tiny_mode
                        rows_per_unit=2)
     rng = random.Random(20261128)
     # Every point one unit of an unconditional model passes (after_cache: text models only).
-    points = [p for p in dist.FAULT_POINTS if p not in ("after_cache", "partial")]
+    points = [p for p in faults.FAULT_POINTS if p not in ("after_cache", "partial")]
     before = None
     for attempt in range(10):
         point, n = rng.choice(points), rng.randint(1, 2)

@@ -9,7 +9,8 @@ from das_pipeline.data import open_dataset
 from das_pipeline.extract import feature_spec, run_extract
 from das_pipeline.models import load_model
 from das_pipeline.reduce import run_reduce
-from das_pipeline.score import read_scores, run_score
+from das_pipeline.score import run_score
+from das_pipeline.store import read_scores
 from helpers import brute_scores, dense_projection, loop_gradients
 
 METHODS = ("trak", "dtrak", "das", "das_signed")
@@ -45,7 +46,7 @@ def test_pipeline_scores_equal_brute_force(make_config, brute, dtype, tolerance)
     run_reduce(cfg, show_progress=False)
     run_score(cfg, show_progress=False)
     for method in METHODS:
-        got = torch.from_numpy(read_scores(cfg, "q", method).astype(np.float64))
+        got = torch.from_numpy(read_scores(cfg.store.path, "q", method).astype(np.float64))
         want = brute[method]
         rel = ((got - want).norm() / want.norm()).item()
         assert rel < tolerance, f"{method} ({dtype}): relative error {rel:.2e} >= {tolerance:g}"

@@ -5,7 +5,8 @@ import numpy as np
 from das_pipeline.config import load_config
 from das_pipeline.extract import run_extract
 from das_pipeline.reduce import run_reduce
-from das_pipeline.score import read_scores, run_score
+from das_pipeline.score import run_score
+from das_pipeline.store import read_scores
 
 
 def test_trak_and_dtrak_rank_the_sample_itself_first(make_config):
@@ -17,6 +18,6 @@ def test_trak_and_dtrak_rank_the_sample_itself_first(make_config):
     run_reduce(cfg, show_progress=False)
     run_score(cfg, show_progress=False)
     for method in ("trak", "dtrak"):
-        top1 = np.argmax(read_scores(cfg, "self", method), axis=1)
+        top1 = np.argmax(read_scores(cfg.store.path, "self", method), axis=1)
         share = float(np.mean(top1 == np.arange(40)))
         assert share >= 0.95, f"{method}: only {share:.0%} of training queries rank themselves first"

@@ -22,8 +22,7 @@ import pytest
 from test_dist import DAS, make_reference, run, write_config
 
 from das_pipeline.config import load_config
-from das_pipeline.score import read_scores
-from das_pipeline.store import Store
+from das_pipeline.store import Store, read_scores
 
 SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "local_slurm.sh"
 pytestmark = pytest.mark.slurm
@@ -134,8 +133,8 @@ def test_submit_preempt_requeue_then_reduce_score_equals_single_process(slurm, r
 
     cfg_ref, cfg_run = load_config(reference), load_config(cfg)
     for method in ("trak", "dtrak", "das"):
-        want = read_scores(cfg_ref, "val", method)
-        got = read_scores(cfg_run, "val", method)
+        want = read_scores(cfg_ref.store.path, "val", method)
+        got = read_scores(cfg_run.store.path, "val", method)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max(),
                                    err_msg=f"{method} scores differ from the single-process run")
 

@@ -37,11 +37,11 @@ from traker_adapter import (  # noqa: E402
 )
 
 from das_pipeline.data import open_dataset  # noqa: E402
+from das_pipeline.eval.lds import spearman_rows  # noqa: E402
 from das_pipeline.features import FeatureSpec, per_sample_gradients  # noqa: E402
 from das_pipeline.kernels import project  # noqa: E402
-from das_pipeline.lds import spearman_rows  # noqa: E402
+from das_pipeline.linalg import factor, gram  # noqa: E402
 from das_pipeline.models import load_model  # noqa: E402
-from das_pipeline.reduce import factor, gram  # noqa: E402
 
 NUM_TRAIN, TIMESTEPS, DAMPING = 48, 2, 1.0
 

@@ -41,38 +41,6 @@ MINI = {
     "cf_queries": [0], "cf_fraction": 0.1,
 }
 
-CONFIG = """[model]
-path = "base_model"
-
-[data]
-train = "{train}"
-[data.queries]
-val = "{val}"
-gen = "gen_png"
-
-[features]
-readouts = ["loss", "square", "mean"]
-timesteps = {K}
-normalize = {normalize}
-seed = 0
-batch_size = {batch_size}
-
-[projection]
-dim = {dim}
-seed = 0
-
-[store]
-path = "stores/{store}.zarr"
-rows_per_unit = {rows_per_unit}
-
-[score]
-methods = ["trak", "dtrak", "das"]
-damping = {damping}
-gamma = {gamma}
-residual = "{residual}"
-topk = 10
-"""
-
 SPLITS = ("val", "gen")
 BASELINES = ("pixel_neg_l2", "pixel_cosine", "random")
 
@@ -87,12 +55,22 @@ def das(argv: list[str]) -> None:
 
 def write_config(out: Path, s: dict, K: int, normalize: bool, damping=0.01, gamma=1.0,
                  residual="r", dim: int | None = None) -> Path:
+    """examples/digits.toml with this benchmark's data, K, normalisation, k and score settings."""
+    import tomllib
+
+    from das_pipeline.config import dump_toml, merge
+
     store = f"K{K}_{'norm' if normalize else 'raw'}" + (f"_k{dim}" if dim else "")
+    raw = tomllib.loads((HERE.parents[1] / "examples" / "digits.toml").read_text())
+    raw["data"]["queries"] = {"val": s["val"], "gen": "gen_png"}
+    raw = merge(raw, {
+        "data": {"train": s["train"]},
+        "features": {"timesteps": K, "normalize": normalize, "batch_size": s["batch_size"]},
+        "projection": {"dim": dim or max(s["dims"])},
+        "store": {"path": f"stores/{store}.zarr", "rows_per_unit": s["rows_per_unit"]},
+        "score": {"damping": damping, "gamma": gamma, "residual": residual}})
     path = out / f"{store}.toml"
-    path.write_text(CONFIG.format(train=s["train"], val=s["val"], K=K,
-                                  normalize=str(normalize).lower(), batch_size=s["batch_size"],
-                                  dim=dim or max(s["dims"]), store=store, rows_per_unit=s["rows_per_unit"],
-                                  damping=damping, gamma=gamma, residual=residual))
+    path.write_text(dump_toml(raw))
     return path
 
 
@@ -112,7 +90,7 @@ def store_complete(cfg_path: Path) -> bool:
 
 def train_base(out: Path, s: dict) -> None:
     from das_pipeline.data import open_dataset
-    from das_pipeline.lds_train import RECIPE_FILE, train_recipe
+    from das_pipeline.eval.retrain import RECIPE_FILE, train_recipe
     from das_pipeline.recipe import save_pipeline
 
     folder = out / "base_model"
@@ -126,10 +104,10 @@ def train_base(out: Path, s: dict) -> None:
 
 def baselines(cfg_path: Path, subsets: Path, truth_dir: Path, halves: dict) -> dict:
     """LDS of pixel-space similarity and random scores on each split's report half."""
-    from das_pipeline.baselines import baseline_scores
     from das_pipeline.config import load_config
     from das_pipeline.data import open_dataset
-    from das_pipeline.lds import lds_per_query, load_subsets, load_truth, summarize
+    from das_pipeline.eval.baselines import baseline_scores
+    from das_pipeline.eval.lds import lds_per_query, load_subsets, load_truth, summarize
 
     cfg = load_config(cfg_path)
     train = open_dataset("train", cfg.data.train)
@@ -212,7 +190,7 @@ def main(argv=None) -> int:
     import torch
     from plot import plot_lds
 
-    from das_pipeline.counterfactual import generate_queries
+    from das_pipeline.eval.counterfactual import generate_queries
 
     s = MINI if args.mini else FULL
     out = Path(args.out).resolve()

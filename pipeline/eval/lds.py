@@ -1,4 +1,4 @@
-"""Linear Datamodeling Score (DESIGN.md section 1): file formats, vectorised Spearman, bootstrap.
+"""Linear Datamodeling Score (docs/DESIGN.md, "Evaluation"): file formats, vectorised Spearman, bootstrap.
 
     pred(q, m) = sum_{i in S_m} score(q, i)                    (scores_QN @ mask_MN^T)
     LDS(q)     = Spearman_m( pred(q, m), -F_m(q) )              (per query, over subsets)
@@ -26,10 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class LdsError(ValueError):
-    """LDS inputs are missing, mismatched or malformed; the message names the fix."""
-
+from ..errors import EvalError
 
 # ----------------------------------------------------------------------------------- subsets
 
@@ -41,21 +38,21 @@ def make_subsets(num_samples: int, num_subsets: int, alpha: float = 0.5, seed: i
     With ``labels`` (N,), each subset takes round(alpha * n_c) rows of every class c (stratified).
 
     Raises:
-        LdsError: alpha outside (0, 1), a subset that would be empty, labels of the wrong length.
+        EvalError: alpha outside (0, 1), a subset that would be empty, labels of the wrong length.
     """
     if not 0.0 < alpha < 1.0:
-        raise LdsError(f"--alpha {alpha}: must be in (0, 1) (the standard LDS uses 0.5)")
+        raise EvalError(f"--alpha {alpha}: must be in (0, 1) (the standard LDS uses 0.5)")
     if num_subsets < 2:
-        raise LdsError(f"--num {num_subsets}: need at least 2 subsets for a rank correlation "
+        raise EvalError(f"--num {num_subsets}: need at least 2 subsets for a rank correlation "
                        f"(typical: 64 to 256)")
     if labels is not None and len(labels) != num_samples:
-        raise LdsError(f"labels have {len(labels)} rows but the training set has {num_samples}; "
+        raise EvalError(f"labels have {len(labels)} rows but the training set has {num_samples}; "
                        f"give one label per training row")
     groups = [np.arange(num_samples)] if labels is None else [
         np.flatnonzero(labels == c) for c in np.unique(labels)]
     sizes = [int(round(alpha * len(g))) for g in groups]
     if sum(sizes) == 0:
-        raise LdsError(f"alpha = {alpha} of {num_samples} training rows selects nothing; raise alpha")
+        raise EvalError(f"alpha = {alpha} of {num_samples} training rows selects nothing; raise alpha")
     mask = np.zeros((num_subsets, num_samples), dtype=bool)
     for m in range(num_subsets):
         rng = np.random.default_rng([seed, m])
@@ -87,27 +84,27 @@ def load_subsets(path: str | Path) -> Subsets:
     """Read and check a subsets file (format in the module docstring).
 
     Raises:
-        LdsError: missing file or keys, wrong dtypes or shapes.
+        EvalError: missing file or keys, wrong dtypes or shapes.
     """
     path = Path(path)
     if not path.is_file():
-        raise LdsError(f"subsets file {str(path)!r} does not exist; write it with `das lds subsets`")
+        raise EvalError(f"subsets file {str(path)!r} does not exist; write it with `das lds subsets`")
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in ("mask", "seeds", "train_uids") if k not in z]
         if missing:
-            raise LdsError(f"subsets file {path} lacks {missing}; it needs mask (M, N) bool, seeds "
+            raise EvalError(f"subsets file {path} lacks {missing}; it needs mask (M, N) bool, seeds "
                            f"(M,) int and train_uids (N,) str")
         mask, seeds, uids = z["mask"], z["seeds"], [str(u) for u in z["train_uids"]]
         alpha = float(z["alpha"]) if "alpha" in z else float(mask.mean())
         seed = int(z["seed"]) if "seed" in z else -1
     if mask.ndim != 2 or mask.dtype != bool:
-        raise LdsError(f"subsets file {path}: mask is {mask.dtype} {mask.shape}; save a 2-D bool "
+        raise EvalError(f"subsets file {path}: mask is {mask.dtype} {mask.shape}; save a 2-D bool "
                        f"array (M subsets, N training rows)")
     if seeds.shape != (mask.shape[0],) or not np.issubdtype(seeds.dtype, np.integer):
-        raise LdsError(f"subsets file {path}: seeds is {seeds.dtype} {seeds.shape}; save one integer "
+        raise EvalError(f"subsets file {path}: seeds is {seeds.dtype} {seeds.shape}; save one integer "
                        f"per subset, shape ({mask.shape[0]},)")
     if len(uids) != mask.shape[1]:
-        raise LdsError(f"subsets file {path}: {len(uids)} train_uids for {mask.shape[1]} mask "
+        raise EvalError(f"subsets file {path}: {len(uids)} train_uids for {mask.shape[1]} mask "
                        f"columns; save one uid per training row")
     return Subsets(mask, seeds.astype(np.int64), uids, alpha, seed)
 
@@ -118,29 +115,29 @@ def read_labels(source: str, train_uids: list[str], column: str | None = None) -
     A CSV with a ``uid`` column is matched to the training uids; otherwise rows are in order.
     """
     if source == "digits":
-        from .data import digits_labels
+        from ..data import digits_labels
 
         return digits_labels()[[int(u) for u in train_uids]]
     path = Path(source)
     if not path.is_file():
-        raise LdsError(f"--labels {source!r}: no such file; give `digits`, a .npy or a .csv")
+        raise EvalError(f"--labels {source!r}: no such file; give `digits`, a .npy or a .csv")
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
     if path.suffix != ".csv":
-        raise LdsError(f"--labels {source!r}: unsupported type {path.suffix!r}; use .npy or .csv")
+        raise EvalError(f"--labels {source!r}: unsupported type {path.suffix!r}; use .npy or .csv")
     import csv
 
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or column not in rows[0]:
         have = list(rows[0]) if rows else []
-        raise LdsError(f"--label-column {column!r} is not a column of {path} (columns: {have}); "
+        raise EvalError(f"--label-column {column!r} is not a column of {path} (columns: {have}); "
                        f"pass --label-column NAME")
     if "uid" in rows[0]:
         by_uid = {r["uid"]: r[column] for r in rows}
         missing = [u for u in train_uids if u not in by_uid]
         if missing:
-            raise LdsError(f"{path} has no row for training uids {missing[:5]}; add them")
+            raise EvalError(f"{path} has no row for training uids {missing[:5]}; add them")
         return np.asarray([by_uid[u] for u in train_uids])
     return np.asarray([r[column] for r in rows])
 
@@ -161,25 +158,25 @@ def load_truth(path: str | Path) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(F (M, Q) float64, query uids, subset rows (M,)) from a truth file.
 
     Raises:
-        LdsError: missing file or keys, shapes that disagree, non-finite outputs.
+        EvalError: missing file or keys, shapes that disagree, non-finite outputs.
     """
     path = Path(path)
     if not path.is_file():
-        raise LdsError(f"truth file {str(path)!r} does not exist; write it with `das lds truth`")
+        raise EvalError(f"truth file {str(path)!r} does not exist; write it with `das lds truth`")
     with np.load(path, allow_pickle=False) as z:
         if "F" not in z:
-            raise LdsError(f"truth file {path} lacks F; save F (M, Q) float64 and query_uids (Q,)")
+            raise EvalError(f"truth file {path} lacks F; save F (M, Q) float64 and query_uids (Q,)")
         F = z["F"].astype(np.float64)
         uids = [str(u) for u in z["query_uids"]] if "query_uids" in z else None
         subsets = z["subsets"].astype(np.int64) if "subsets" in z else np.arange(F.shape[0])
     if F.ndim != 2:
-        raise LdsError(f"truth file {path}: F has shape {F.shape}; save (M subsets, Q queries)")
+        raise EvalError(f"truth file {path}: F has shape {F.shape}; save (M subsets, Q queries)")
     if uids is not None and len(uids) != F.shape[1]:
-        raise LdsError(f"truth file {path}: {len(uids)} query_uids for {F.shape[1]} columns of F")
+        raise EvalError(f"truth file {path}: {len(uids)} query_uids for {F.shape[1]} columns of F")
     if subsets.shape != (F.shape[0],):
-        raise LdsError(f"truth file {path}: subsets {subsets.shape} does not match F's {F.shape[0]} rows")
+        raise EvalError(f"truth file {path}: subsets {subsets.shape} does not match F's {F.shape[0]} rows")
     if not np.isfinite(F).all():
-        raise LdsError(f"truth file {path}: F holds non-finite values (a diverged model?); retrain "
+        raise EvalError(f"truth file {path}: F holds non-finite values (a diverged model?); retrain "
                        f"those subsets")
     return F, uids, subsets
 
@@ -247,14 +244,14 @@ def subset_predictions(scores_QN: np.ndarray, mask_MN: np.ndarray) -> np.ndarray
 def lds_from_predictions(pred_QM: np.ndarray, F_MQ: np.ndarray) -> np.ndarray:
     """(Q,) LDS per query: Spearman over subsets of the prediction and -F (lower loss = larger)."""
     if pred_QM.shape != F_MQ.T.shape:
-        raise LdsError(f"predictions {pred_QM.shape} (Q, M) do not match truth F {F_MQ.shape} (M, Q)")
+        raise EvalError(f"predictions {pred_QM.shape} (Q, M) do not match truth F {F_MQ.shape} (M, Q)")
     return spearman_rows(pred_QM, -F_MQ.T)
 
 
 def lds_per_query(scores_QN: np.ndarray, mask_MN: np.ndarray, F_MQ: np.ndarray) -> np.ndarray:
     """(Q,) LDS of a score matrix against subsets (M, N) and truth F (M, Q)."""
     if scores_QN.shape[1] != mask_MN.shape[1]:
-        raise LdsError(f"scores have {scores_QN.shape[1]} training columns but the subsets mask has "
+        raise EvalError(f"scores have {scores_QN.shape[1]} training columns but the subsets mask has "
                        f"{mask_MN.shape[1]}; use the subsets drawn for this training set")
     return lds_from_predictions(subset_predictions(scores_QN, mask_MN), F_MQ)
 
@@ -266,9 +263,6 @@ class Summary:
     hi: float
     num_queries: int
     num_undefined: int
-
-    def fmt(self, scale: float = 100.0) -> str:
-        return f"{self.mean * scale:.1f} [{self.lo * scale:.1f}, {self.hi * scale:.1f}]"
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "queries": self.num_queries,
@@ -294,7 +288,7 @@ def summarize(lds_Q: np.ndarray, num_boot: int = 2000, seed: int = 0, level: flo
 def query_halves(num_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of query rows into (select, report) halves: tune on one, report the other."""
     if num_queries < 2:
-        raise LdsError(f"{num_queries} queries cannot be split into a selection and a report half; "
+        raise EvalError(f"{num_queries} queries cannot be split into a selection and a report half; "
                        f"use at least 2 (typical: 50 or more)")
     perm = np.random.default_rng([seed, num_queries]).permutation(num_queries)
     half = num_queries // 2

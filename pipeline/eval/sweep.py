@@ -26,12 +26,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from .config import METHOD_READOUT
-from .lds import LdsError, lds_from_predictions, query_halves, subset_predictions, summarize
-from .reduce import Factor, dual_factor, factor, gram, load_factor
-from .score import LEVERAGE_FLOOR
-from .store import Store, StoreError
+from ..config import METHOD_READOUT
+from ..errors import EvalError
+from ..linalg import Factor, dual_factor, factor, gram
+from ..reduce import load_factor
+from ..scoring import attribution
+from ..store import Store, StoreError
+from .lds import lds_from_predictions, query_halves, subset_predictions, summarize
 
 DEFAULT_GRID = tuple(float(c) for c in np.logspace(-5, 4, 19))
 
@@ -70,10 +73,10 @@ def default_variants(readouts) -> list[Variant]:
 
 def _check_variant(v: Variant, readouts) -> None:
     if v.base_readout not in readouts:
-        raise LdsError(f"variant {v.name!r} needs readout {v.base_readout!r}, which the store lacks "
+        raise EvalError(f"variant {v.name!r} needs readout {v.base_readout!r}, which the store lacks "
                        f"(it has {list(readouts)}); extract it or drop the variant")
     if v.residual not in ("r", "rho", "none"):
-        raise LdsError(f"variant residual {v.residual!r}: choose r, rho or none")
+        raise EvalError(f"variant residual {v.residual!r}: choose r, rho or none")
 
 
 def read_split(store: Store, name: str, readouts, dim: int | None = None):
@@ -83,7 +86,7 @@ def read_split(store: Store, name: str, readouts, dim: int | None = None):
     markers = split.require_complete()
     k = split.dim if dim is None else dim
     if k > split.dim:
-        raise LdsError(f"k = {k} exceeds the store's projection dim {split.dim}; evaluate k <= "
+        raise EvalError(f"k = {k} exceeds the store's projection dim {split.dim}; evaluate k <= "
                        f"{split.dim} or extract a larger store")
     scale = math.sqrt(split.dim / k)
     feats = {r: [] for r in readouts}
@@ -134,15 +137,9 @@ def sweep_predictions(train_feats: dict[str, np.ndarray], residual_N: np.ndarray
         base = {r: np.einsum("qr,cr,nr->cqn", cq[r], inv[r], ct[r], optimize=True) for r in factors}
         lev = {r: np.einsum("nr,cr->cn", ct[r] ** 2, inv[r]) for r in factors}
         for v in variants:
-            b = base[v.base_readout]
-            if v.method in ("trak", "dtrak"):
-                s = b
-            else:
-                loo = np.clip(1.0 - lev[v.base_readout], LEVERAGE_FLOOR, None) ** v.gamma
-                w = {"r": residual_N, "rho": rho_N, "none": np.ones(N)}[v.residual][lo:hi]
-                s = b * (w[None, :] / loo)[:, None, :]
-                if v.method == "das":
-                    s = s * s
+            w = {"r": residual_N, "rho": rho_N, "none": np.ones(N)}[v.residual][lo:hi]
+            s = attribution(v.method, torch.from_numpy(base[v.base_readout]), torch.from_numpy(w),
+                            torch.from_numpy(lev[v.base_readout])[:, None, :], v.gamma).numpy()
             pred[v.name] += s @ maskf[:, lo:hi].T
     return pred
 
@@ -178,20 +175,20 @@ def match_queries(truth_uids: list[str] | None, split_uids: list[str] | None, F_
                   num_rows: int, what: str) -> np.ndarray:
     """Reorder truth columns to the query split's row order (by uid); refuse other queries."""
     if F_MQ.shape[1] != num_rows:
-        raise LdsError(f"{what}: the truth has {F_MQ.shape[1]} queries but the scores have "
+        raise EvalError(f"{what}: the truth has {F_MQ.shape[1]} queries but the scores have "
                        f"{num_rows}; compute the truth for this query set")
     if truth_uids is None or split_uids is None or truth_uids == split_uids:
         return F_MQ
     pos = {u: j for j, u in enumerate(truth_uids)}
     if set(pos) != set(split_uids):
-        raise LdsError(f"{what}: the truth's query uids differ from the store's (e.g. "
+        raise EvalError(f"{what}: the truth's query uids differ from the store's (e.g. "
                        f"{sorted(set(split_uids) - set(pos))[:3]}); compute the truth for this set")
     return F_MQ[:, [pos[u] for u in split_uids]]
 
 
 def subsets_for_truth(mask_MN: np.ndarray, truth_subsets_M: np.ndarray) -> np.ndarray:
     if truth_subsets_M.max(initial=-1) >= len(mask_MN) or truth_subsets_M.min(initial=0) < 0:
-        raise LdsError(f"the truth refers to subset rows up to {truth_subsets_M.max()} but the "
+        raise EvalError(f"the truth refers to subset rows up to {truth_subsets_M.max()} but the "
                        f"subsets file has {len(mask_MN)}; pass the subsets file it was made with")
     return mask_MN[truth_subsets_M]
 
@@ -200,23 +197,23 @@ def eval_stored_scores(store: Store, query_set: str, methods, mask_MN, F_MQ, tru
                        train_uids: list[str], column_block: int = 65536) -> dict[str, dict]:
     """LDS summary and per-query values of each stored method's scores, read in column blocks."""
     if "scores" not in store.root or query_set not in store.root["scores"]:
-        raise LdsError(f"store {store.path} has no scores for query set {query_set!r}; run "
+        raise EvalError(f"store {store.path} has no scores for query set {query_set!r}; run "
                        f"`das score CONFIG` (or write scores/{query_set}/<method> (Q, N))")
     group = store.root["scores"][query_set]
     methods = list(methods or sorted(group.array_keys()))
     split_uids = store.split(query_set).uids() if query_set in store.split_names() else None
     if "train" in store.split_names() and store.split("train").uids() != train_uids:
-        raise LdsError(f"the subsets file's train_uids differ from store {store.path}'s training "
+        raise EvalError(f"the subsets file's train_uids differ from store {store.path}'s training "
                        f"rows; draw the subsets for this training set")
     out = {}
     for m in methods:
         if m not in group:
-            raise LdsError(f"store {store.path} has no scores for method {m!r} of {query_set!r} "
+            raise EvalError(f"store {store.path} has no scores for method {m!r} of {query_set!r} "
                            f"(it has {sorted(group.array_keys())}); score it or drop it")
         scores = group[m]
         F = match_queries(truth_uids, split_uids, F_MQ, scores.shape[0], f"query set {query_set!r}")
         if scores.shape[1] != mask_MN.shape[1]:
-            raise LdsError(f"scores/{query_set}/{m} has {scores.shape[1]} training columns but the "
+            raise EvalError(f"scores/{query_set}/{m} has {scores.shape[1]} training columns but the "
                            f"subsets cover {mask_MN.shape[1]} rows; use matching subsets")
         pred_QM = np.zeros((scores.shape[0], mask_MN.shape[0]))
         for lo in range(0, scores.shape[1], column_block):  # never holds Q x N

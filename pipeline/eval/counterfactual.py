@@ -25,33 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lds import LdsError
+from ..errors import EvalError
+from ..recipe import sample_keyed
 
 GENERATION_FILE = "generation.json"
 
 
-@torch.no_grad()
-def sample_keyed(unet, scheduler, seeds: list[int], num_inference_steps: int) -> torch.Tensor:
-    """(Q, C, H, W) ancestral DDPM samples; row q uses only torch.Generator(seeds[q]).
-
-    Row q equals ``recipe.sample_ddpm(unet, scheduler, 1, seeds[q], steps)`` whatever the batch.
-    """
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler.from_config(scheduler.config)
-    sched.set_timesteps(num_inference_steps)
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    c, size = unet.config.in_channels, unet.config.sample_size
-    x = torch.cat([torch.randn((1, c, size, size), generator=g) for g in gens])
-    for t in sched.timesteps:
-        x = sched.step(unet(x, t).sample, t, x, generator=gens).prev_sample
-    return x.clamp(-1, 1)
-
-
 def generate_queries(model_dir: Path, folder: Path, seeds: list[int], sample_steps: int) -> list[Path]:
     """Generate one PNG per seed from the model and record the seeds in generation.json."""
-    from .models import load_model
-    from .recipe import save_pngs
+    from ..models import load_model
+    from ..recipe import save_pngs
 
     model = load_model(model_dir)
     images = sample_keyed(model.unet, model.scheduler, seeds, sample_steps)
@@ -64,7 +47,7 @@ def generate_queries(model_dir: Path, folder: Path, seeds: list[int], sample_ste
 def read_generation(source: str) -> dict:
     path = Path(source.split("[", 1)[0]) / GENERATION_FILE
     if not path.is_file():
-        raise LdsError(f"query source {source!r} has no {GENERATION_FILE}: the counterfactual check "
+        raise EvalError(f"query source {source!r} has no {GENERATION_FILE}: the counterfactual check "
                        f"regenerates from each query's seed; make the queries with "
                        f"counterfactual.generate_queries (it records the seeds)")
     return json.loads(path.read_text())
@@ -74,8 +57,9 @@ def _retrain_and_regenerate(train_source: str, keep_rows: list[int], recipe: dic
                             sample_seed: int, steps: int, xt, ts, eps, cache: Path
                             ) -> tuple[np.ndarray, float]:
     """Retrain without the removed rows, regenerate, and measure; cached by all its inputs."""
-    from .data import open_dataset
-    from .lds_train import model_output, train_recipe
+    from ..data import open_dataset
+    from .retrain import train_recipe
+    from .truth import model_output
 
     key = hashlib.sha256(json.dumps([train_source, keep_rows, recipe, seed, sample_seed, steps])
                          .encode() + xt.numpy().tobytes() + eps.numpy().tobytes()).hexdigest()[:24]
@@ -83,7 +67,7 @@ def _retrain_and_regenerate(train_source: str, keep_rows: list[int], recipe: dic
     if path.is_file():
         with np.load(path) as z:
             return z["image"], float(z["loss"])
-    from .dist import torch_threads
+    from ..dist import torch_threads
 
     with torch_threads(1):
         train = open_dataset("train", train_source)
@@ -100,22 +84,22 @@ def run_counterfactual(cfg, query_set: str, rows: list[int], methods: list[str],
                        out: Path, recipe: dict, seed: int = 0, jobs: int = 1,
                        truth_timesteps: int = 100, truth_seed: int = 1, log=print) -> dict:
     """Run the check for query ``rows`` of ``query_set``; writes results.json and picture.png."""
-    from .data import open_dataset
-    from .lds_train import model_output, query_items
-    from .models import load_model
-    from .score import read_scores
+    from ..data import open_dataset
+    from ..models import load_model
+    from ..store import read_scores
+    from .truth import model_output, query_items
 
     if not 0.0 < fraction < 1.0:
-        raise LdsError(f"--fraction {fraction}: must be in (0, 1) (e.g. 0.1 removes 10% of N)")
+        raise EvalError(f"--fraction {fraction}: must be in (0, 1) (e.g. 0.1 removes 10% of N)")
     gen = read_generation(cfg.data.queries[query_set])
     qs = open_dataset(query_set, cfg.data.queries[query_set])
     bad = [r for r in rows if not 0 <= r < len(qs)]
     if bad:
-        raise LdsError(f"--queries {bad}: query set {query_set!r} has rows 0..{len(qs) - 1}")
+        raise EvalError(f"--queries {bad}: query set {query_set!r} has rows 0..{len(qs) - 1}")
     train = open_dataset("train", cfg.data.train)
     N = len(train)
     m = max(1, int(round(fraction * N)))
-    scores = {meth: read_scores(cfg, query_set, meth) for meth in methods}
+    scores = {meth: read_scores(cfg.store.path, query_set, meth) for meth in methods}
     base = load_model(cfg.model.path)
     steps = int(gen["sample_steps"])
     jobs_args, keys = [], []
@@ -158,38 +142,7 @@ def run_counterfactual(cfg, query_set: str, rows: list[int], methods: list[str],
                             for k in ("l2", "loss_change")} for n in names},
                "seconds": time.perf_counter() - started}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
+    from ..report import draw_counterfactual
+
     draw_counterfactual(originals, results, names, out / "picture.png", m)
     return summary
-
-
-def draw_counterfactual(originals: dict, results: dict, names: list[str], path: Path, m: int,
-                        scale: int = 8) -> Path:
-    """Rows: query, then its regeneration without each method's top-m and without random m."""
-    from PIL import Image, ImageDraw
-
-    from .recipe import to_uint8
-
-    def tile(img_CHW):
-        u8 = to_uint8(torch.from_numpy(img_CHW)[None])[0]
-        u8 = u8[0] if u8.shape[0] == 1 else u8.transpose(1, 2, 0)
-        return Image.fromarray(u8).resize((u8.shape[1] * scale, u8.shape[0] * scale), Image.NEAREST)
-
-    first = next(iter(originals.values()))
-    h, w = first.shape[1] * scale, first.shape[2] * scale
-    col_w, row_h, head = max(w, 116) + 8, h + 34, 30
-    canvas = Image.new("RGB", (col_w * (len(names) + 1) + 8, head + row_h * len(originals)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(["query", *[f"-top{m} {n}" if n != "random" else f"-random {m}"
-                                         for n in names]]):
-        draw.text((8 + j * col_w, 8), label, fill="black")
-    for i, (q, orig) in enumerate(originals.items()):
-        y = head + i * row_h
-        canvas.paste(tile(orig), (8, y))
-        for j, n in enumerate(names, start=1):
-            r = results[q][n]
-            canvas.paste(tile(r["image"]), (8 + j * col_w, y))
-            draw.text((8 + j * col_w, y + h + 2), f"L2 {r['l2']:.2f} dF {r['loss_change']:+.3f}",
-                      fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import EvalError
+
 BASELINES = ("pixel_neg_l2", "pixel_cosine", "random")
 
 
@@ -24,7 +26,7 @@ def pixel_scores(queries_QD: np.ndarray, train_ND: np.ndarray, kind: str) -> np.
         qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         tn = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
         return qn @ tn.T
-    raise ValueError(f"pixel baseline {kind!r} is unknown; choose pixel_neg_l2 or pixel_cosine")
+    raise EvalError(f"pixel baseline {kind!r} is unknown; choose pixel_neg_l2 or pixel_cosine")
 
 
 def random_scores(num_queries: int, num_train: int, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`das lds {subsets,train,truth,eval}` and `das counterfactual`: thin wrappers over the LDS modules."""
+"""`das lds {subsets,train,truth,eval}` and `das counterfactual`: thin wrappers over the eval modules."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
+
 
 def _config(path):
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(path)
 
 
 def cmd_subsets(args) -> int:
-    from .data import open_dataset
+    from ..data import open_dataset
     from .lds import make_subsets, read_labels, save_subsets
 
     cfg = _config(args.config)
@@ -31,7 +33,7 @@ def cmd_subsets(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .lds_train import load_recipe, run_train
+    from .retrain import load_recipe, run_train
 
     cfg = _config(args.config)
     recipe = None if args.command else load_recipe(args.recipe or cfg.model.path)
@@ -44,13 +46,13 @@ def cmd_train(args) -> int:
 
 def cmd_truth(args) -> int:
     from .lds import load_subsets
-    from .lds_train import run_truth
+    from .truth import run_truth
 
     cfg = _config(args.config)
     names = args.query_set or list(cfg.data.queries)
     unknown = [n for n in names if n not in cfg.data.queries]
     if unknown:
-        raise ValueError(f"--query-set {unknown[0]!r} is not in [data.queries]; choose from "
+        raise ConfigError(f"--query-set {unknown[0]!r} is not in [data.queries]; choose from "
                          f"{list(cfg.data.queries)}")
     subsets = load_subsets(args.subsets)
     s = run_truth({n: cfg.data.queries[n] for n in names}, Path(args.models), len(subsets.mask_MN),
@@ -62,7 +64,7 @@ def cmd_truth(args) -> int:
 
 
 def _open_store(target: str):
-    from .store import Store
+    from ..store import Store
 
     path = Path(target)
     if path.suffix == ".toml":
@@ -71,26 +73,26 @@ def _open_store(target: str):
 
 
 def _truth_files(truth: Path, query_sets: list[str] | None) -> dict[str, Path]:
-    from .lds import LdsError
+    from ..errors import EvalError
 
     if truth.is_dir():
         files = {p.stem: p for p in sorted(truth.glob("*.npz"))}
         if query_sets:
             missing = [q for q in query_sets if q not in files]
             if missing:
-                raise LdsError(f"no truth for query set(s) {missing} in {truth}; run `das lds truth`")
+                raise EvalError(f"no truth for query set(s) {missing} in {truth}; run `das lds truth`")
             files = {q: files[q] for q in query_sets}
         if not files:
-            raise LdsError(f"{truth} holds no <query set>.npz truth files; run `das lds truth`")
+            raise EvalError(f"{truth} holds no <query set>.npz truth files; run `das lds truth`")
         return files
     if query_sets and len(query_sets) > 1:
-        raise LdsError("--truth is one file: pass one --query-set, or a folder of <query set>.npz")
+        raise EvalError("--truth is one file: pass one --query-set, or a folder of <query set>.npz")
     return {(query_sets[0] if query_sets else truth.stem): truth}
 
 
 def cmd_eval(args) -> int:
     from .lds import load_subsets, load_truth
-    from .lds_sweep import DEFAULT_GRID, Variant, eval_stored_scores, eval_sweep, subsets_for_truth
+    from .sweep import DEFAULT_GRID, Variant, eval_stored_scores, eval_sweep, subsets_for_truth
 
     store = _open_store(args.target)
     subsets = load_subsets(args.subsets)
@@ -128,11 +130,11 @@ def cmd_eval(args) -> int:
 
 def cmd_counterfactual(args) -> int:
     from .counterfactual import run_counterfactual
-    from .lds_train import load_recipe
+    from .retrain import load_recipe
 
     cfg = _config(args.config)
     if args.query_set not in cfg.data.queries:
-        raise ValueError(f"--query-set {args.query_set!r} is not in [data.queries] "
+        raise ConfigError(f"--query-set {args.query_set!r} is not in [data.queries] "
                          f"({list(cfg.data.queries)})")
     recipe = load_recipe(args.recipe or cfg.model.path)
     s = run_counterfactual(cfg, args.query_set, args.queries, args.method or list(cfg.score.methods),

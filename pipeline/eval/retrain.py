@@ -1,4 +1,4 @@
-"""`das lds train` and `das lds truth`: retrain on each subset, then the model outputs F_m(q).
+"""`das lds train`: retrain the model on each LDS subset (resumable, one subset per process).
 
 Training: one subset is one unit of work, trained by one process and finished when its marker
 ``<out>/<m:04d>/das_subset.json`` exists (written last). Reruns skip finished subsets; a marker
@@ -10,13 +10,6 @@ Own training scripts: ``--command "python train.py --rows {subset_file} --out {o
 runs the template per subset ({subset}, {seed} also available). ``subset_file`` is JSON:
 {"subset": m, "seed": s, "rows": [...], "uids": [...]} (rows of the config's [data] train); the
 command must leave a diffusers pipeline folder (unet/ and scheduler/, safetensors) in output_dir.
-
-Truth: F_m(q) = mean over I = K S keyed (t, eps) pairs of mean_j (eps_theta_m(x_t, t) - eps)_j^2,
-with t on the uniform grid of K timesteps and eps keyed by (seed, query uid, t, draw): the same
-pairs for every model. Defaults K = 100, S = 1, seed 1 (features default to seed 0, so the truth
-never reuses the features' exact noise).
-
-Legend: Q queries, I (timestep, draw) items, M subsets.
 """
 
 from __future__ import annotations
@@ -31,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lds import LdsError, Subsets
+from ..errors import EvalError
+from .lds import Subsets
 
 RECIPE_FILE = "das_recipe.json"
 MARKER = "das_subset.json"
@@ -44,19 +38,19 @@ def load_recipe(path: str | Path) -> dict:
     if path.is_dir():
         path = path / RECIPE_FILE
     if not path.is_file():
-        raise LdsError(f"no recipe at {path}: `das lds train` retrains the built-in recipe, recorded "
+        raise EvalError(f"no recipe at {path}: `das lds train` retrains the built-in recipe, recorded "
                        f"as {RECIPE_FILE} beside models it trained; pass --recipe FILE, or "
                        f"--command TEMPLATE to retrain with your own script")
     recipe = json.loads(path.read_text())
     missing = [k for k in RECIPE_KEYS if k not in recipe]
     if missing:
-        raise LdsError(f"recipe {path} lacks {missing}; it needs {list(RECIPE_KEYS)}")
+        raise EvalError(f"recipe {path} lacks {missing}; it needs {list(RECIPE_KEYS)}")
     return recipe
 
 
 def train_recipe(recipe: dict, images_NCHW: torch.Tensor, seed: int):
     """Train the built-in tiny DDPM from scratch on ``images``; returns (unet, scheduler, summary)."""
-    from .recipe import ddpm_scheduler, tiny_unet, train_ddpm
+    from ..recipe import ddpm_scheduler, tiny_unet, train_ddpm
 
     _, c, h, _ = images_NCHW.shape
     unet = tiny_unet(h, c, tuple(recipe["widths"]), recipe["attention"], seed=seed)
@@ -79,7 +73,7 @@ def subset_done(folder: Path, identity: dict) -> bool:
         return False
     have = json.loads(marker.read_text())
     if {k: have.get(k) for k in identity} != identity:
-        raise LdsError(f"{folder} holds a model of another subset, seed or recipe ({marker}); use "
+        raise EvalError(f"{folder} holds a model of another subset, seed or recipe ({marker}); use "
                        f"a new --out folder or delete {folder}")
     return True
 
@@ -87,7 +81,7 @@ def subset_done(folder: Path, identity: dict) -> bool:
 def train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: dict | None,
               command: str | None, threads: int = 1) -> dict:
     """Train subset m into <out>/<m:04d>/ (skipped when its marker matches). Picklable entry point."""
-    from .dist import torch_threads
+    from ..dist import torch_threads
 
     with torch_threads(threads):
         return _train_one(train_source, subsets_path, m, out, recipe, command)
@@ -95,9 +89,9 @@ def train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: di
 
 def _train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: dict | None,
                command: str | None) -> dict:
-    from .data import open_dataset
+    from ..data import open_dataset
+    from ..recipe import save_pipeline
     from .lds import load_subsets
-    from .recipe import save_pipeline
 
     subsets = load_subsets(subsets_path)
     folder = Path(out) / f"{m:04d}"
@@ -121,10 +115,10 @@ def _train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: d
                              output_dir=shlex.quote(str(folder / "model")), seed=seed, subset=m)
         proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise LdsError(f"training command for subset {m} failed (exit {proc.returncode}): {cmd}\n"
+            raise EvalError(f"training command for subset {m} failed (exit {proc.returncode}): {cmd}\n"
                            f"{proc.stderr[-2000:]}")
         if not (folder / "model" / "unet").is_dir():
-            raise LdsError(f"training command for subset {m} left no diffusers pipeline in "
+            raise EvalError(f"training command for subset {m} left no diffusers pipeline in "
                            f"{folder / 'model'}; save one there with save_pretrained")
         summary = {}
     seconds = time.perf_counter() - started
@@ -136,16 +130,16 @@ def run_train(train_source: str, subsets_path: Path, out: Path, recipe: dict | N
               command: str | None = None, jobs: int = 1, subsets_only: list[int] | None = None,
               threads: int = 1, log=print) -> dict:
     """Train this rank's unfinished subsets, ``jobs`` processes at a time; returns a summary."""
-    from . import dist
+    from .. import dist
     from .lds import load_subsets
 
     subsets = load_subsets(subsets_path)
     if recipe is None and command is None:
-        raise LdsError("nothing to train with: pass --recipe (built-in recipe) or --command TEMPLATE")
+        raise EvalError("nothing to train with: pass --recipe (built-in recipe) or --command TEMPLATE")
     if command is not None:
         for key in ("{subset_file}", "{output_dir}"):
             if key not in command:
-                raise LdsError(f"--command {command!r} lacks {key}; the template must use "
+                raise EvalError(f"--command {command!r} lacks {key}; the template must use "
                                f"{{subset_file}} and {{output_dir}}")
     mine = dist.owned_units(len(subsets.mask_MN), dist.current(device="cpu"))
     if subsets_only is not None:
@@ -173,75 +167,3 @@ def run_train(train_source: str, subsets_path: Path, out: Path, recipe: dict | N
                     f"({len(results)}/{len(args)}, {r['seconds']:.1f} s, ETA {eta:.0f} s)")
     return {"trained": sum(not r["skipped"] for r in results),
             "skipped": sum(r["skipped"] for r in results), "seconds": time.perf_counter() - started}
-
-
-def query_items(uids: list[str], images_QCHW: torch.Tensor, scheduler, timesteps: int, draws: int,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fixed (x_t, t, eps) of every query: (Q, I, C, H, W), (I,), (Q, I, C, H, W)."""
-    from .features import FeatureSpec, item_grid, keyed_noise
-
-    spec = FeatureSpec(("loss",), timesteps, draws, seed)
-    ts_I, draws_I = item_grid(spec, int(scheduler.config.num_train_timesteps))
-    eps = keyed_noise(seed, uids, ts_I, draws_I, tuple(images_QCHW.shape[1:]))
-    Q, I = eps.shape[:2]
-    xt = scheduler.add_noise(images_QCHW[:, None].expand_as(eps).reshape(Q * I, *eps.shape[2:]),
-                             eps.reshape(Q * I, *eps.shape[2:]), ts_I.repeat(Q)).view_as(eps)
-    return xt, ts_I, eps
-
-
-@torch.no_grad()
-def model_output(unet, xt_QI, ts_I, eps_QI, batch: int = 2048) -> np.ndarray:
-    """(Q,) float64: loss readout averaged over the items, for one model."""
-    Q, I = xt_QI.shape[:2]
-    x, e = xt_QI.reshape(Q * I, *xt_QI.shape[2:]), eps_QI.reshape(Q * I, *xt_QI.shape[2:])
-    t = ts_I.repeat(Q)
-    losses = torch.empty(Q * I, dtype=torch.float64)
-    for lo in range(0, Q * I, batch):
-        hi = min(Q * I, lo + batch)
-        pred = unet(x[lo:hi], t[lo:hi]).sample
-        losses[lo:hi] = (pred - e[lo:hi]).pow(2).flatten(1).mean(1).double()
-    return losses.view(Q, I).mean(1).numpy()
-
-
-def model_dirs(models: Path, num_subsets: int) -> tuple[list[Path], np.ndarray]:
-    """Finished model folders and their subset rows; refuses an empty or partial set."""
-    done = [(models / f"{m:04d}" / MARKER).is_file() for m in range(num_subsets)]
-    found = [(m, models / f"{m:04d}") for m in range(num_subsets) if done[m]]
-    if not found:
-        raise LdsError(f"no finished subset models in {models}; run `das lds train` first")
-    missing = [m for m in range(num_subsets) if not done[m]]
-    if missing:
-        raise LdsError(f"{len(missing)} of {num_subsets} subset models in {models} are not finished "
-                       f"(e.g. {missing[:5]}); rerun `das lds train` to finish them")
-    return [p / "model" for _, p in found], np.asarray([m for m, _ in found], dtype=np.int64)
-
-
-def run_truth(query_sources: dict[str, str], models: Path, num_subsets: int, out: Path,
-              timesteps: int = 100, draws: int = 1, seed: int = 1, log=print) -> dict:
-    """Write <out>/<query set>.npz (F (M, Q), query_uids, subsets) for every query set."""
-    from .data import open_dataset
-    from .models import load_model
-
-    dirs, rows = model_dirs(models, num_subsets)
-    first = load_model(dirs[0])
-    items = {}
-    for name, source in query_sources.items():
-        ds = open_dataset(name, source)
-        items[name] = (ds.uids, query_items(ds.uids, ds.load(0, len(ds)), first.scheduler,
-                                            timesteps, draws, seed))
-    F = {name: np.zeros((len(dirs), len(uids))) for name, (uids, _) in items.items()}
-    started = time.perf_counter()
-    for j, d in enumerate(dirs):
-        model = load_model(d)
-        if model.scheduler.config.num_train_timesteps != first.scheduler.config.num_train_timesteps:
-            raise LdsError(f"{d} has another scheduler than {dirs[0]}; retrain with one recipe")
-        for name, (_, (xt, ts, eps)) in items.items():
-            F[name][j] = model_output(model.unet, xt, ts, eps)
-        if (j + 1) % 8 == 0 or j + 1 == len(dirs):
-            el = time.perf_counter() - started
-            log(f"lds truth: {j + 1}/{len(dirs)} models, ETA {el / (j + 1) * (len(dirs) - j - 1):.0f} s")
-    from .lds import save_truth
-
-    paths = {name: str(save_truth(out / f"{name}.npz", F[name], uids, rows))
-             for name, (uids, _) in items.items()}
-    return {"paths": paths, "seconds": time.perf_counter() - started, "models": len(dirs)}
