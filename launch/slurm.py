@@ -17,16 +17,27 @@ Before submitting, the store and its splits are created here (the submitter play
 config, model and data errors surface at once, and no array task waits on task 0 being
 scheduled. The templates live in ``launch/templates``; ``tests/golden`` holds their rendering
 for fixed inputs (see tests/golden/README.md to regenerate).
+
+Before any of that, the request is checked against the nodes ``sinfo`` lists for the partition
+(``fit_to_nodes``): Slurm accepts a job that no node can run and leaves it pending forever
+(reason PartitionConfig). Explicit CPUs, GPUs and memory that no node offers are refused; the
+default CPUs (4 per process) shrink to what the largest suitable node has, with a note. The
+submitted job ids go to ``<store stem>.slurm/jobs.json`` (also with --out-dir), which
+``das status`` reads (launch/status.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +46,9 @@ from .. import __version__
 TEMPLATES = Path(__file__).parent / "templates"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+DEFAULT_CPUS_PER_PROCESS = 4
+JOBS_FILE = "jobs.json"
+SINFO = ["sinfo", "-h", "-N", "--all", "-o", "%N|%c|%m|%G|%P"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +156,8 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--procs-per-task", type=int, default=None,
                    help="processes per array task (default: the GPU count, or 1 on CPU)")
     p.add_argument("--cpus-per-task", type=int, default=None,
-                   help="CPU cores per array task (default: 4 per process)")
+                   help="CPU cores per array task (default: 4 per process, at most what the "
+                        "largest node of the partition has)")
     p.add_argument("--partition", help="Slurm partition (default: the cluster's)")
     p.add_argument("--time", help="time limit per extraction task, e.g. 04:00:00")
     p.add_argument("--reduce-time", help="time limit of the reduce + score job")
@@ -166,7 +181,7 @@ def plan_from_args(args, cfg) -> Plan:
     if procs < 1 or (args.gpus_per_task and procs != args.gpus_per_task):
         raise ValueError(f"--procs-per-task {args.procs_per_task}: must be >= 1, and equal to "
                          f"--gpus-per-task ({args.gpus_per_task}) on GPUs (one process per GPU)")
-    cpus = args.cpus_per_task or 4 * procs
+    cpus = args.cpus_per_task or DEFAULT_CPUS_PER_PROCESS * procs
     if cpus < 1:
         raise ValueError(f"--cpus-per-task {cpus}: must be >= 1")
     for name in ("time", "reduce_time"):
@@ -180,14 +195,217 @@ def plan_from_args(args, cfg) -> Plan:
         if not opt.startswith("--") or "\n" in opt:
             raise ValueError(f"--sbatch-option {opt!r}: give one long option, e.g. "
                              f"--sbatch-option=--account=myproj")
-    store = cfg.store.path
-    out_dir = Path(args.out_dir).resolve() if args.out_dir else store.with_name(
-        store.name.removesuffix(".zarr") + ".slurm")
+    out_dir = Path(args.out_dir).resolve() if args.out_dir else slurm_dir(cfg.store.path)
     return Plan(config=Path(args.config).resolve(), out_dir=out_dir, python=sys.executable,
                 array_tasks=args.array_tasks, gpus_per_task=args.gpus_per_task,
                 procs_per_task=procs, cpus_per_task=cpus, partition=args.partition,
                 time=args.time, reduce_time=args.reduce_time, signal_grace_s=args.signal_grace,
                 job_name=args.job_name, sbatch_options=tuple(args.sbatch_option))
+
+
+def slurm_dir(store: Path) -> Path:
+    """``<store stem>.slurm`` beside the store: the default --out-dir, and where jobs.json is."""
+    return store.with_name(store.name.removesuffix(".zarr") + ".slurm")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One line of ``sinfo -N``: a node as a member of one partition."""
+
+    name: str
+    partition: str
+    """Partition name, without sinfo's default marker."""
+    default: bool
+    """The partition is the cluster's default (``*`` after its name)."""
+    cpus: int
+    mem_mb: int
+    """Configured memory (RealMemory) in MB."""
+    gpus: int
+    """GPUs in the node's gres, all types together."""
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs in a sinfo ``%G`` string: ``(null)`` -> 0, ``gpu:8``, ``gpu:h100:8(S:0-1)`` -> 8,
+    ``gpu:a100:2(S:0,1),gpu:v100:1,mps:200`` -> 3 (types summed, other gres ignored)."""
+    total = 0
+    for item in re.split(r",(?![^(]*\))", gres):  # commas outside (S:0,1)
+        fields = item.split("(")[0].strip().split(":")
+        if fields[0] != "gpu":
+            continue
+        count = re.fullmatch(r"(\d+)([KMG]?)", fields[-1]) if len(fields) > 1 else None
+        total += int(count[1]) * 1024 ** " KMG".index(count[2] or " ") if count else 1
+    return total
+
+
+def parse_sinfo(text: str) -> list[Node]:
+    """Nodes from the output of ``SINFO`` (``%N|%c|%m|%G|%P``, one node and partition a line;
+    ``+`` after a figure is dropped). Lines without whole numbers of CPUs and MB are skipped."""
+    nodes = []
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5 or not fields[1].rstrip("+").isdigit() or not fields[2].rstrip("+").isdigit():
+            continue
+        name, cpus, mem, gres, part = fields
+        nodes.append(Node(name=name, partition=part.rstrip("*"), default=part.endswith("*"),
+                          cpus=int(cpus.rstrip("+")), mem_mb=int(mem.rstrip("+")), gpus=gres_gpus(gres)))
+    return nodes
+
+
+def _sbatch_option(options: tuple[str, ...], name: str) -> tuple[str, str] | None:
+    """The last ``--name=value`` (or ``--name value``) of the extra #SBATCH options, as
+    (how the user wrote it, value): sbatch honours the last of repeated directives."""
+    found = None
+    for opt in options:
+        m = re.fullmatch(rf"--{name}(?:=|\s+)(\S+)", opt.strip())
+        if m:
+            found = (f"--sbatch-option={opt}", m[1])
+    return found
+
+
+def _mem_mb(shown: str, value: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)B?", value, re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"{shown}: {value!r} is not a Slurm memory size; use e.g. 64G or 4000M")
+    return -(-int(m[1]) * 1024 ** "KMGT".index(m[2].upper() or "M") // 1024)  # MB, rounded up
+
+
+def _n(count: int, what: str) -> str:
+    return f"{count} {what}" + "s" * (count != 1)
+
+
+def fit_to_nodes(plan: Plan, nodes: list[Node], cpus_given: bool) -> tuple[Plan, list[str]]:
+    """Check one task's request against the nodes of the plan's partition (or the default one).
+
+    Both jobs run one task on one node, so a single node must offer the task's CPUs, GPUs
+    (gres gpu) and memory (--mem, --mem-per-cpu or --mem-per-gpu among the --sbatch-option's).
+    A request given explicitly is never changed; the default CPUs (DEFAULT_CPUS_PER_PROCESS
+    per process) are lowered to the most that a node meeting the rest of the request has.
+    Returns the plan (cpus_per_task possibly lowered) and lines to show ("note: ...",
+    "warning: ..."). Raises ValueError naming the option, the value, what the largest node
+    offers and the fix.
+    """
+    shown_part, partition = f"--partition {plan.partition}", plan.partition
+    if (given := _sbatch_option(plan.sbatch_options, "partition")) is not None:
+        shown_part, partition = given  # rendered after --partition
+    if partition is None:
+        pool = [n for n in nodes if n.default]
+        if not pool:
+            return plan, ["warning: sinfo shows no default partition: the request is not checked "
+                          "against the nodes (give --partition to check it)"]
+        where = f"the default partition {pool[0].partition!r}"
+    else:
+        names = partition.split(",")  # sbatch takes a list: the first that can start it
+        known = {n.partition for n in nodes}
+        for name in names:
+            if name not in known:
+                listed = ", ".join(sorted({n.partition + "*" * n.default for n in nodes}))
+                raise ValueError(f"{shown_part}: sinfo lists no partition {name!r} (it lists "
+                                 f"{listed}; * = the default); choose one of them")
+        pool = [n for n in nodes if n.partition in names]
+        where = f"partition {partition!r}"
+
+    gpus, cpus = plan.gpus_per_task, plan.cpus_per_task
+    if gpus:
+        most = max(pool, key=lambda n: n.gpus)
+        if most.gpus < gpus:
+            fix = (f"use --gpus-per-task {most.gpus} or fewer (and more --array-tasks for as many "
+                   f"ranks), or another --partition" if most.gpus else
+                   "use --gpus-per-task 0 (CPU processes) or a partition with GPUs (--partition)")
+            raise ValueError(f"--gpus-per-task {gpus}: no node of {where} has {_n(gpus, 'GPU')} (the "
+                             f"most on one node: {most.gpus}, on {most.name}); {fix}")
+    if cpus_given:
+        big = max(pool, key=lambda n: n.cpus)
+        if big.cpus < cpus:
+            raise ValueError(f"--cpus-per-task {cpus}: no node of {where} has {_n(cpus, 'CPU')} (the "
+                             f"largest has {big.cpus}: {big.name}); ask for at most "
+                             f"--cpus-per-task {big.cpus}, or choose another --partition")
+    mem = None
+    for kind in ("mem", "mem-per-cpu", "mem-per-gpu"):  # sbatch allows only one of them
+        if (given := _sbatch_option(plan.sbatch_options, kind)) is not None:
+            mem = (kind, given[0], _mem_mb(given[0], given[1]))
+
+    def need_mb(num_cpus: int) -> int:
+        if mem is None:
+            return 0
+        kind, _, per = mem
+        return per * {"mem": 1, "mem-per-cpu": num_cpus, "mem-per-gpu": gpus}[kind]
+
+    if mem is not None:
+        big = max(pool, key=lambda n: n.mem_mb)
+        least = need_mb(cpus if cpus_given else 1)
+        if big.mem_mb < least:
+            raise ValueError(f"{mem[1]}: a task needs {least} MB, and no node of {where} has that "
+                             f"much memory (the largest has {big.mem_mb} MB: {big.name}); ask "
+                             f"for less, or choose another --partition")
+
+    def task_cpus(node: Node) -> int:
+        return cpus if cpus_given else min(cpus, node.cpus)
+
+    fits = [task_cpus(n) for n in pool
+            if n.cpus >= task_cpus(n) and n.gpus >= gpus and n.mem_mb >= need_mb(task_cpus(n))]
+    if not fits:
+        asked = [f"--cpus-per-task {cpus}"] * cpus_given + [f"--gpus-per-task {gpus}"] * (gpus > 0)
+        asked += [mem[1]] if mem else []
+        shapes = sorted({(n.cpus, n.gpus, n.mem_mb) for n in pool}, reverse=True)[:4]
+        offered = "; ".join(f"{_n(c, 'CPU')}, {_n(g, 'GPU')}, {m} MB" for c, g, m in shapes)
+        raise ValueError(f"{' with '.join(asked)}: no single node of {where} offers all of it "
+                         f"(its nodes have: {offered}); lower one of them, or choose another "
+                         f"--partition")
+    if cpus_given or max(fits) == cpus:
+        return plan, []
+    best = max(fits)
+    return dataclasses.replace(plan, cpus_per_task=best), [
+        f"note: --cpus-per-task {best}: the default, {DEFAULT_CPUS_PER_PROCESS} per process "
+        f"({cpus}), is more than any node of {where} that fits the request has; pass "
+        f"--cpus-per-task to choose"]
+
+
+def check_against_cluster(plan: Plan, cpus_given: bool) -> Plan:
+    """``fit_to_nodes`` with the nodes ``sinfo`` lists; its lines go to stderr. Without sinfo
+    (or when it fails) the request is not checked, and a warning says so."""
+    unchecked = ("the request is not checked against the nodes (a task that no node can run "
+                 "would pend forever)")
+    lines: list[str]
+    if shutil.which(SINFO[0]) is None:
+        lines = [f"warning: `sinfo` is not on PATH: {unchecked}"]
+    else:
+        try:
+            done = subprocess.run(SINFO, capture_output=True, text=True, timeout=60)
+            nodes = parse_sinfo(done.stdout) if done.returncode == 0 else []
+            why = (done.stderr.strip().splitlines() or ["it lists no nodes"])[-1]
+        except subprocess.TimeoutExpired:
+            nodes, why = [], "no answer in 60 s"
+        if nodes:
+            plan, lines = fit_to_nodes(plan, nodes, cpus_given)
+        else:
+            lines = [f"warning: `{shlex.join(SINFO)}` failed ({why}): {unchecked}"]
+    for line in lines:
+        print(f"das submit: {line}", file=sys.stderr)
+    return plan
+
+
+def record_jobs(store: Path, submission: dict) -> Path:
+    """Make ``submission`` the latest entry of ``<store stem>.slurm/jobs.json`` (replacing an
+    entry with the same extraction job id); written atomically. Returns the file's path."""
+    path = slurm_dir(store) / JOBS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    past = json.loads(path.read_text())["submissions"] if path.exists() else []
+    past = [s for s in past if s["extract"] != submission["extract"]] + [submission]
+    tmp = path.with_name(f".{JOBS_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps({"submissions": past}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def recorded_jobs(store: Path) -> dict | None:
+    """The latest submission recorded for the store (keys: submitted, extract, array_tasks,
+    reduce_score (None when its sbatch failed), out_dir), or None when nothing was submitted.
+    Raises ValueError (or OSError) when the record is unreadable."""
+    path = slurm_dir(store) / JOBS_FILE
+    if not path.exists():
+        return None
+    submissions = json.loads(path.read_text()).get("submissions") or [None]
+    return submissions[-1]
 
 
 def _sbatch(cmd: list[str]) -> str:
@@ -201,13 +419,14 @@ def _sbatch(cmd: list[str]) -> str:
 def submit(args) -> dict:
     """Render, then (unless --dry-run) create the store, write the scripts and submit them.
 
-    Returns the job ids. Raises ValueError for bad options, config, model or data (before
-    anything is submitted) and RuntimeError when sbatch fails.
+    Returns the job ids (also recorded in ``<store stem>.slurm/jobs.json``). Raises
+    ValueError for bad options, a request no node of the partition can run, config, model or
+    data (before anything is submitted) and RuntimeError when sbatch fails.
     """
     from ..config import load_config
 
     cfg = load_config(args.config)
-    plan = plan_from_args(args, cfg)
+    plan = check_against_cluster(plan_from_args(args, cfg), cpus_given=bool(args.cpus_per_task))
     scripts = render(plan)
     cmds = sbatch_commands(plan.out_dir)
     if args.dry_run:
@@ -229,7 +448,11 @@ def submit(args) -> dict:
     for name, text in scripts.items():
         (plan.out_dir / name).write_text(text)
     extract_id = _sbatch(cmds[0])
+    entry = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "extract": extract_id,
+             "array_tasks": plan.array_tasks, "reduce_score": None, "out_dir": str(plan.out_dir)}
+    record_jobs(cfg.store.path, entry)  # at once: the array runs even if the next sbatch fails
     reduce_id = _sbatch(sbatch_commands(plan.out_dir, extract_id)[1])
+    record_jobs(cfg.store.path, {**entry, "reduce_score": reduce_id})
     print(f"submitted extraction array {extract_id} ({plan.array_tasks} tasks x "
           f"{plan.procs_per_task} processes = {plan.world} ranks) and reduce + score {reduce_id} "
           f"(afterok:{extract_id}); scripts and logs in {plan.out_dir}\n"
