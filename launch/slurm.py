@@ -17,25 +17,37 @@ Before submitting, the store and its splits are created here (the submitter play
 config, model and data errors surface at once, and no array task waits on task 0 being
 scheduled. The templates live in ``launch/templates``; ``tests/golden`` holds their rendering
 for fixed inputs (see tests/golden/README.md to regenerate).
+
+Before any of that, the request is checked against the nodes ``sinfo`` lists for the partition
+(``fit_to_nodes``): Slurm accepts a job that no node can run and leaves it pending forever
+(reason PartitionConfig). Explicit CPUs, GPUs and memory that no node offers are refused; the
+default CPUs (4 per process) shrink to what the largest suitable node has, with a note. The
+submitted job ids go to ``<store stem>.slurm/jobs.json`` (also with --out-dir), which
+``das status`` reads (launch/status.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..errors import ConfigError, DasError
+from .nodes import DEFAULT_CPUS_PER_PROCESS, check_against_cluster
 
 TEMPLATES = Path(__file__).parent / "templates"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+JOBS_FILE = "jobs.json"
 
 
 @dataclass(frozen=True)
@@ -143,7 +155,8 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--procs-per-task", type=int, default=None,
                    help="processes per array task (default: the GPU count, or 1 on CPU)")
     p.add_argument("--cpus-per-task", type=int, default=None,
-                   help="CPU cores per array task (default: 4 per process)")
+                   help="CPU cores per array task (default: 4 per process, at most what the "
+                        "largest node of the partition has)")
     p.add_argument("--partition", help="Slurm partition (default: the cluster's)")
     p.add_argument("--time", help="time limit per extraction task, e.g. 04:00:00")
     p.add_argument("--reduce-time", help="time limit of the reduce + score job")
@@ -158,7 +171,7 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plan_from_args(args, cfg) -> Plan:
-    """Validate the submit options (ValueError names the option, the value and the fix)."""
+    """Validate the submit options (ConfigError names the option, the value and the fix)."""
     if args.array_tasks < 1:
         raise ConfigError(f"--array-tasks {args.array_tasks}: must be >= 1")
     if args.gpus_per_task < 0:
@@ -167,7 +180,7 @@ def plan_from_args(args, cfg) -> Plan:
     if procs < 1 or (args.gpus_per_task and procs != args.gpus_per_task):
         raise ConfigError(f"--procs-per-task {args.procs_per_task}: must be >= 1, and equal to "
                          f"--gpus-per-task ({args.gpus_per_task}) on GPUs (one process per GPU)")
-    cpus = args.cpus_per_task or 4 * procs
+    cpus = args.cpus_per_task or DEFAULT_CPUS_PER_PROCESS * procs
     if cpus < 1:
         raise ConfigError(f"--cpus-per-task {cpus}: must be >= 1")
     for name in ("time", "reduce_time"):
@@ -181,14 +194,41 @@ def plan_from_args(args, cfg) -> Plan:
         if not opt.startswith("--") or "\n" in opt:
             raise ConfigError(f"--sbatch-option {opt!r}: give one long option, e.g. "
                              f"--sbatch-option=--account=myproj")
-    store = cfg.store.path
-    out_dir = Path(args.out_dir).resolve() if args.out_dir else store.with_name(
-        store.name.removesuffix(".zarr") + ".slurm")
+    out_dir = Path(args.out_dir).resolve() if args.out_dir else slurm_dir(cfg.store.path)
     return Plan(config=Path(args.config).resolve(), out_dir=out_dir, python=sys.executable,
                 array_tasks=args.array_tasks, gpus_per_task=args.gpus_per_task,
                 procs_per_task=procs, cpus_per_task=cpus, partition=args.partition,
                 time=args.time, reduce_time=args.reduce_time, signal_grace_s=args.signal_grace,
                 job_name=args.job_name, sbatch_options=tuple(args.sbatch_option))
+
+
+def slurm_dir(store: Path) -> Path:
+    """``<store stem>.slurm`` beside the store: the default --out-dir, and where jobs.json is."""
+    return store.with_name(store.name.removesuffix(".zarr") + ".slurm")
+
+
+def record_jobs(store: Path, submission: dict) -> Path:
+    """Make ``submission`` the latest entry of ``<store stem>.slurm/jobs.json`` (replacing an
+    entry with the same extraction job id); written atomically. Returns the file's path."""
+    path = slurm_dir(store) / JOBS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    past = json.loads(path.read_text())["submissions"] if path.exists() else []
+    past = [s for s in past if s["extract"] != submission["extract"]] + [submission]
+    tmp = path.with_name(f".{JOBS_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps({"submissions": past}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def recorded_jobs(store: Path) -> dict | None:
+    """The latest submission recorded for the store (keys: submitted, extract, array_tasks,
+    reduce_score (None when its sbatch failed), out_dir), or None when nothing was submitted.
+    Raises ValueError (or OSError) when the record is unreadable."""
+    path = slurm_dir(store) / JOBS_FILE
+    if not path.exists():
+        return None
+    submissions = json.loads(path.read_text()).get("submissions") or [None]
+    return submissions[-1]
 
 
 def _sbatch(cmd: list[str]) -> str:
@@ -202,13 +242,14 @@ def _sbatch(cmd: list[str]) -> str:
 def submit(args) -> dict:
     """Render, then (unless --dry-run) create the store, write the scripts and submit them.
 
-    Returns the job ids. Raises ValueError for bad options, config, model or data (before
-    anything is submitted) and DasError when sbatch fails.
+    Returns the job ids (also recorded in ``<store stem>.slurm/jobs.json``). Raises
+    ConfigError for bad options or a request no node of the partition can run, other DasErrors
+    for the config, model or data (before anything is submitted), and DasError when sbatch fails.
     """
     from ..config import load_config
 
     cfg = load_config(args.config)
-    plan = plan_from_args(args, cfg)
+    plan = check_against_cluster(plan_from_args(args, cfg), cpus_given=bool(args.cpus_per_task))
     scripts = render(plan)
     cmds = sbatch_commands(plan.out_dir)
     if args.dry_run:
@@ -230,7 +271,11 @@ def submit(args) -> dict:
     for name, text in scripts.items():
         (plan.out_dir / name).write_text(text)
     extract_id = _sbatch(cmds[0])
+    entry = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "extract": extract_id,
+             "array_tasks": plan.array_tasks, "reduce_score": None, "out_dir": str(plan.out_dir)}
+    record_jobs(cfg.store.path, entry)  # at once: the array runs even if the next sbatch fails
     reduce_id = _sbatch(sbatch_commands(plan.out_dir, extract_id)[1])
+    record_jobs(cfg.store.path, {**entry, "reduce_score": reduce_id})
     print(f"submitted extraction array {extract_id} ({plan.array_tasks} tasks x "
           f"{plan.procs_per_task} processes = {plan.world} ranks) and reduce + score {reduce_id} "
           f"(afterok:{extract_id}); scripts and logs in {plan.out_dir}\n"

@@ -5,18 +5,30 @@ time minus claim time of the units it marked), the summed rate of the ranks acti
 ``stale_after`` seconds, the ETA at that rate, units in progress, and stale units (claimed
 longer ago than ``stale_after`` and never marked: their worker died or was preempted; any
 rerun of the plan picks them up). Reads only small arrays: cheap on a store of any size.
+
+When ``das submit`` recorded jobs (``<store stem>.slurm/jobs.json``), the last lines give their
+Slurm state and pending reason (``slurm_lines``: squeue, sacct for jobs that left the queue).
 """
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 from ..config import Config
 from ..store import Split, Store
+from .slurm import JOBS_FILE, recorded_jobs, slurm_dir
 
 MAX_LISTED_RANKS = 8
+MAX_LISTED_TASKS = 8
+REASON_HINTS = {"PartitionConfig": "no node of the partition can run it: scancel it and submit "
+                                   "again with fewer CPUs, GPUs or memory"}
 
 
 def _duration(seconds: float) -> str:
@@ -107,4 +119,84 @@ def status_lines(cfg: Config, stale_after: float = 1800.0, now: float | None = N
             worlds = sorted({a.attrs.get("world") for _, a in group.arrays() if "checksum" in a.attrs})
             count = sum(1 for _, a in group.arrays() if "checksum" in a.attrs)
             lines.append(f"  partial Grams {readout}: {count} finished (world {worlds})")
+    return lines + slurm_lines(cfg.store.path)
+
+
+def _num_tasks(job_id: str) -> int:
+    """Array tasks that one squeue/sacct id stands for: 12 and 12_3 -> 1, 12_[0-3,7,8-12:2%4] -> 8."""
+    m = re.search(r"_\[([^\]%]*)", job_id)
+    if m is None:
+        return 1
+    count = 0
+    for lo, hi, step in re.findall(r"(\d+)(?:-(\d+)(?::(\d+))?)?", m[1]):
+        count += (int(hi) - int(lo)) // int(step or 1) + 1 if hi else 1
+    return count
+
+
+def _query(cmd: list[str]) -> tuple[list[list[str]], str]:
+    """Rows (whitespace- or |-separated, at most 3 fields) of a Slurm client's output, and its
+    error ("" when it succeeded)."""
+    if shutil.which(cmd[0]) is None:
+        return [], f"`{cmd[0]}` is not on PATH"
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return [], f"`{cmd[0]}` gave no answer in 30 s"
+    if done.returncode != 0:
+        return [], (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    sep = "|" if "-P" in cmd else None
+    return [line.split(sep, 2) for line in done.stdout.splitlines() if line.strip()], ""
+
+
+def _job_lines(job_id: str, rows: list[list[str]]) -> list[str]:
+    """``slurm: ID STATE (REASON)`` per row of one job; counts per state for a big array."""
+
+    def state(row: list[str]) -> str:
+        reason = row[2].strip() if len(row) > 2 else ""
+        text = row[1] + (f" ({reason})" if reason and reason != "None" else "")
+        return text + (f": {REASON_HINTS[reason]}" if reason in REASON_HINTS else "")
+
+    def first_task(row: list[str]) -> int:
+        return int((re.findall(r"_\[?(\d+)", row[0]) or ["-1"])[0])
+
+    if len(rows) <= MAX_LISTED_TASKS:
+        return [f"slurm: {row[0]} {state(row)}" for row in sorted(rows, key=first_task)]
+    counts = Counter()
+    for row in rows:
+        counts[state(row)] += _num_tasks(row[0])
+    return [f"slurm: {job_id} array tasks: " + ", ".join(f"{n} {s}" for s, n in counts.most_common())]
+
+
+def slurm_lines(store: Path) -> list[str]:
+    """Slurm state and pending reason of the jobs of the store's latest ``das submit``.
+
+    Lines like ``slurm: 1234_[0-3] PENDING (Resources)`` and ``slurm: 1235 PENDING
+    (Dependency)``, after one line naming the jobs; from ``squeue`` (all states: finished jobs
+    stay there for MinJobAge), then ``sacct`` for jobs that left the queue. [] when no jobs were
+    recorded; one line when squeue is unavailable.
+    """
+    try:
+        jobs = recorded_jobs(store)
+    except (OSError, ValueError, KeyError) as err:
+        return [f"slurm: the job record {slurm_dir(store) / JOBS_FILE} is unreadable ({err})"]
+    if jobs is None:
+        return []
+    ids = [jobs["extract"]] + ([jobs["reduce_score"]] if jobs.get("reduce_score") else [])
+    named = (f"extraction array {jobs['extract']} ({jobs['array_tasks']} tasks) and "
+             + (f"reduce + score {ids[1]}" if len(ids) > 1 else "no reduce + score job (its sbatch failed)")
+             + f", submitted {jobs['submitted']}")
+    rows, err = _query(["squeue", "-h", "--states=all", f"--jobs={','.join(ids)}", "-o", "%i %T %r"])
+    if err and "Invalid job id" not in err:  # the error when every id has left the queue
+        return [f"slurm: squeue: {err}: the state of the {named} is unknown here"]
+    lines = [f"slurm: {named}"]
+    by_job = {i: [r for r in rows if r[0].split("_")[0] == i] for i in ids}
+    gone = [i for i in ids if not by_job[i]]
+    if gone:
+        done, err = _query(["sacct", "-n", "-X", "-P", f"--jobs={','.join(gone)}", "-o", "JobID,State"])
+        for i in gone:
+            by_job[i] = [r for r in done if r[0].split("_")[0] == i]
+    for i in ids:
+        lines += (_job_lines(i, by_job[i]) if by_job[i] else
+                  [f"slurm: {i} no longer in the queue, state unknown (sacct: {err or 'no record'}); "
+                   f"logs in {Path(jobs['out_dir']) / 'logs'}"])
     return lines

@@ -7,6 +7,9 @@ and stops what it started at the end; without root/apt/packages it skips with th
   with USR1 (what --signal sends) after its first unit and requeued; the dependent reduce +
   score job starts only after the array and its scores equal the single-process run.
 - A failing array task cancels the dependent job instead of leaving it pending.
+- A request the node cannot satisfy (more CPUs than it has, a GPU) is refused before anything is
+  created or submitted; the default CPUs shrink to the node's.
+- `das status` shows the Slurm state and pending reason of the submitted jobs.
 """
 
 from __future__ import annotations
@@ -154,3 +157,62 @@ def test_failing_array_task_cancels_the_dependent_job(slurm, tmp_path, tiny_mode
     assert (after["Reason"], after["RunTime"]) == ("DependencyNeverSatisfied", "00:00:00"), after
     assert "task 1 failed (exit 1)" in (logs / f"extract-{array}_1.out").read_text()
     assert not (tmp_path / "fail.reports").exists()  # score never ran
+
+
+def node_cpus(env: dict) -> int:
+    return max(int(c) for c in slurm_cmd(env, "sinfo", "-h", "-N", "-o", "%c").split())
+
+
+@pytest.mark.parametrize("option", ["--cpus-per-task", "--gpus-per-task"])
+def test_submit_refuses_what_the_node_cannot_offer(slurm, tmp_path, tiny_model_dir, option):
+    cpus = node_cpus(slurm)
+    cfg = write_config(tmp_path / "big.toml", tiny_model_dir, tmp_path / "big.zarr")
+    name = f"refused-{tmp_path.name}"
+    ask = ["--gpus-per-task", "0", "--cpus-per-task", str(cpus + 1)] if option == "--cpus-per-task" \
+        else ["--gpus-per-task", "1"]
+    done = run([*DAS, "submit", cfg, "--array-tasks", "1", "--job-name", name, *ask], **slurm)
+    assert done.returncode == 2, done.stdout + done.stderr
+    want = (f"--cpus-per-task {cpus + 1}: no node of the default partition 'debug' has {cpus + 1} "
+            f"CPUs (the largest has {cpus}: localhost); ask for at most --cpus-per-task {cpus}"
+            if option == "--cpus-per-task" else
+            "--gpus-per-task 1: no node of the default partition 'debug' has 1 GPU (the most on "
+            "one node: 0, on localhost); use --gpus-per-task 0 (CPU processes)")
+    assert want in done.stderr
+    assert not slurm_cmd(slurm, "squeue", "-h", "--states=all", f"--name={name}-extract,{name}-reduce",
+                         "-o", "%i").strip()
+    assert not (tmp_path / "big.zarr").exists() and not (tmp_path / "big.slurm").exists()
+
+
+def test_default_cpus_shrink_to_the_node(slurm, tmp_path, tiny_model_dir):
+    cpus = node_cpus(slurm)
+    cfg = write_config(tmp_path / "dry.toml", tiny_model_dir, tmp_path / "dry.zarr")
+    # `cpus` processes: the default, 4 per process, is 4 x what the node has.
+    done = run([*DAS, "submit", cfg, "--array-tasks", "1", "--gpus-per-task", "0",
+                "--procs-per-task", str(cpus), "--dry-run"], **slurm)
+    assert done.returncode == 0, done.stderr
+    assert f"#SBATCH --cpus-per-task={cpus}\n" in done.stdout
+    assert (f"das submit: note: --cpus-per-task {cpus}: the default, 4 per process ({4 * cpus}), "
+            f"is more than any node of the default partition 'debug'") in done.stderr
+
+
+def test_status_shows_the_state_and_pending_reason_of_the_jobs(slurm, tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "held.toml", tiny_model_dir, tmp_path / "held.zarr")
+    array, dependent = submit(slurm, cfg, "--array-tasks", "2", "--gpus-per-task", "0",
+                              "--sbatch-option=--hold")
+    logs = tmp_path / "held.slurm" / "logs"
+    try:
+        # --hold held both jobs; released, the reduce + score job waits on the held array.
+        slurm_cmd(slurm, "scontrol", "release", dependent)
+        wait_until(lambda: jobs(slurm, dependent)[0]["Reason"] == "Dependency", 60,
+                   "the dependent job's reason Dependency", logs)
+        out = run([*DAS, "status", cfg], **slurm).stdout
+        assert (f"slurm: extraction array {array} (2 tasks) and reduce + score {dependent}, "
+                f"submitted ") in out
+        assert (f"slurm: {array}_[0-1] PENDING (JobHeldUser)\n"
+                f"slurm: {dependent} PENDING (Dependency)\n") in out, out
+    finally:
+        slurm_cmd(slurm, "scancel", array, dependent)
+    wait_until(lambda: not queued(slurm, array, dependent), 60, "the cancelled jobs to end", logs)
+    out = run([*DAS, "status", cfg], **slurm).stdout
+    assert f"slurm: {array}_[0-1] CANCELLED (JobHeldUser)\n" in out, out
+    assert f"slurm: {dependent} CANCELLED" in out, out

@@ -5,7 +5,8 @@ change to launch/templates or launch/slurm.py regenerate them with
 
     DAS_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_submit.py
 
-and review the diff (tests/golden/README.md).
+and review the diff (tests/golden/README.md). A fake `sinfo` (tests/test_slurm_checks.py) stands
+for the cluster, so the host's Slurm, if any, does not decide the outcome.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_slurm_checks import CLUSTER, fake_tool
 
 from das_pipeline.cli import main
 from das_pipeline.launch.slurm import Plan, render
 
 GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(autouse=True)
+def fake_cluster(tmp_path, monkeypatch):
+    """A fake `sinfo` first on PATH (partitions cpu*, gpu, preempt, a100, debug)."""
+    fake_tool(tmp_path / "fake_bin", "sinfo", CLUSTER)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'fake_bin'}:{os.environ['PATH']}")
 
 PLANS = {
     "cpu": Plan(config=Path("/project/run.toml"), out_dir=Path("/project/runs/store.slurm"),
