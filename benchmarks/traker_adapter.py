@@ -29,7 +29,7 @@ import torch
 from trak import TRAKer
 from trak.modelout_functions import AbstractModelOutput
 
-from das_pipeline.features import FeatureSpec, item_grid, keyed_noise, math_attention
+from das_pipeline.features import FeatureSpec, content_keys, math_attention, noised_items
 
 READOUT_OF = {"trak": "loss", "dtrak": "square"}
 
@@ -52,17 +52,12 @@ class DiffusionReadout(AbstractModelOutput):
 
 
 def noised_inputs(x_BCHW: torch.Tensor, uids: list[str], scheduler, spec: FeatureSpec):
-    """Per-sample (x_t (B, I, C, H, W), t (B, I), eps (B, I, C, H, W)) from das-pipeline's keyed noise.
-
-    Same formulas, dtype and device as ``das_pipeline.features.per_sample_gradients``.
-    """
-    ts_I, draws_I = item_grid(spec, int(scheduler.config.num_train_timesteps))
-    shape = tuple(x_BCHW.shape[1:])
-    eps_BI = keyed_noise(spec.seed, uids, ts_I, draws_I, shape)
-    B, num_items = len(uids), len(ts_I)
-    x0 = x_BCHW.to(torch.float32)[:, None].expand_as(eps_BI).reshape(B * num_items, *shape)
-    xt_BI = scheduler.add_noise(x0, eps_BI.reshape(B * num_items, *shape), ts_I.repeat(B))
-    return xt_BI.view_as(eps_BI), ts_I.repeat(B, 1), eps_BI
+    """Per-sample (x_t (B, I, C, H, W), t (B, I), eps (B, I, C, H, W)) from das-pipeline's keyed
+    noise (content keys, ``features.noised_items``): the very items das-pipeline's features use.
+    ``uids`` only fixes the batch size (the noise is keyed by the pixels)."""
+    assert len(uids) == len(x_BCHW)
+    xt_BI, eps_BI, ts_I = noised_items(scheduler, x_BCHW, content_keys(x_BCHW), spec)
+    return xt_BI, ts_I.repeat(len(uids), 1), eps_BI
 
 
 def make_traker(unet, method: str, num_train: int, save_dir: Path, dim: int, proj_seed: int,

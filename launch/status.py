@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config
-from ..store import Split, Store
+from ..fingerprint import open_store
+from ..store import Split
 from .slurm import JOBS_FILE, recorded_jobs, slurm_dir
 
 MAX_LISTED_RANKS = 8
@@ -102,7 +103,7 @@ def split_lines(split: Split, now: float, stale_after: float, active: set[int]) 
 
 def status_lines(cfg: Config, stale_after: float = 1800.0, now: float | None = None) -> list[str]:
     """Human-readable progress of every split of the config, plus stored partial Grams."""
-    store = Store.open_existing(cfg.store.path)
+    store = open_store(cfg)
     now = time.time() if now is None else now
     lines = [f"store {store.path} (fingerprint {store.root.attrs['fingerprint_hash'][:12]})"]
     present = store.split_names()
@@ -119,7 +120,59 @@ def status_lines(cfg: Config, stale_after: float = 1800.0, now: float | None = N
             worlds = sorted({a.attrs.get("world") for _, a in group.arrays() if "checksum" in a.attrs})
             count = sum(1 for _, a in group.arrays() if "checksum" in a.attrs)
             lines.append(f"  partial Grams {readout}: {count} finished (world {worlds})")
+    if "train" in by_name:
+        lines += result_lines(cfg, store, by_name["train"])
     return lines + slurm_lines(cfg.store.path)
+
+
+def result_lines(cfg: Config, store, train: Split) -> list[str]:
+    """Whether the reduction and the stored scores are current for the stored train units (and
+    for the config's damping and methods)."""
+    from ..reduce import markers_digest, needed_readouts
+
+    markers = train.markers()
+    complete = bool((markers[:, 0] == 1.0).all())
+    digest = markers_digest(markers)
+    lines = []
+    reduce_group = store.root["reduce"] if "reduce" in store.root else None
+    states = []
+    for r in needed_readouts(cfg):
+        if reduce_group is None or r not in reduce_group:
+            states.append(f"{r} not reduced")
+        elif reduce_group[r].attrs.get("train_digest") != digest:
+            states.append(f"{r} stale (train units changed since)")
+    if not complete:
+        lines.append(f"  {'reduce':<12} waits for the train split")
+    elif states:
+        lines.append(f"  {'reduce':<12} {'; '.join(states)}: run `das reduce CONFIG`")
+    else:
+        lines.append(f"  {'reduce':<12} current for the {train.num_units} train units")
+    s = cfg.score
+    want = {"methods": list(s.methods), "damping": s.damping, "damping_absolute": s.damping_absolute,
+            "gamma": s.gamma, "residual": s.residual}
+    for name in cfg.data.queries:
+        label = f"scores {name}"
+        group = store.root["scores"][name] if "scores" in store.root and name in store.root["scores"] \
+            else None
+        if group is None or "train_digest" not in group.attrs:
+            lines.append(f"  {label:<12} not scored")
+            continue
+        a = group.attrs.asdict()
+        query = store.split(name) if name in store.split_names() else None
+        why = []
+        if a["train_digest"] != digest:
+            why.append("train units changed since")
+        if query is not None and a.get("query_digest") != markers_digest(query.markers()):
+            why.append("query units changed since")
+        why += [f"{k} {a.get(k)!r} in the store, {v!r} in the config" for k, v in want.items()
+                if a.get(k) != v]
+        kind = "absolute" if a.get("damping_absolute") else "relative"
+        if why:
+            lines.append(f"  {label:<12} stale ({'; '.join(why)}): run `das score CONFIG`")
+        else:
+            lines.append(f"  {label:<12} current (damping {a['damping']:g} {kind}, methods "
+                         f"{', '.join(a['methods'])})")
+    return lines
 
 
 def _num_tasks(job_id: str) -> int:

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+# Operating-system errors that are the machine's state, not a bug: one line, with the fix.
+USER_OS_ERRORS = {
+    errno.ENOSPC: "free disk space or point [store] path at a larger disk",
+    errno.EDQUOT: "free space within your quota or use another disk",
+    errno.EROFS: "the file system is read-only: point [store] path at a writable disk",
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions of that path",
+    errno.EMFILE: "raise the open-files limit (ulimit -n)",
+}
 
 
 def _config(path):
@@ -70,10 +82,9 @@ def cmd_submit(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .store import Store
+    from .fingerprint import open_store
 
-    cfg = _config(args.config)
-    store = Store.open_existing(cfg.store.path)
+    store = open_store(_config(args.config))
     bad_total = 0
     for name in store.split_names():
         split = store.split(name)
@@ -166,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"das {args.command}: preempted: {err}", file=sys.stderr)
         return PREEMPT_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"das {args.command}: interrupted; what was marked is kept, rerun to continue",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:
+        if err.errno not in USER_OS_ERRORS:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"das {args.command}: error: {os.strerror(err.errno)}{where}: "
+              f"{USER_OS_ERRORS[err.errno]}; what was marked is kept, rerun when fixed",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ DTYPES = ("float32", "float64")
 AUTOCAST = ("none", "bf16")
 OPTIONAL_PATHS = {("store", "reports"), ("model", "lora")}
 RESIDUALS = ("r", "rho")
+NOISE_MODES = ("content", "common")
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,11 @@ class FeaturesConfig:
     timesteps: int = 10
     """K: number of timesteps on the uniform grid t_j = j * (T // K), j = 0..K-1."""
     noise_draws: int = 1
-    """S: noise draws per timestep; noise is keyed by (seed, sample uid, t, draw)."""
+    """S: noise draws per timestep."""
+    noise: str = "content"
+    """How a sample's noise is keyed: content (a hash of its pixels and caption, with seed, t and
+    draw: two different samples never share noise, an image queried as itself gets its training
+    features) or common (every sample shares the noise of (seed, t, draw): common random numbers)."""
     seed: int = 0
     """Seed of the keyed noise."""
     normalize: bool = False
@@ -335,6 +340,8 @@ def validate(cfg: Config) -> None:
         raise _fail("features", "items_per_pass", f.items_per_pass, "must be >= 0 (0 = all)")
     if f.seed < 0:
         raise _fail("features", "seed", f.seed, "must be >= 0")
+    if f.noise not in NOISE_MODES:
+        raise _fail("features", "noise", f.noise, f"choose one of {NOISE_MODES}")
     if f.dtype not in DTYPES:
         raise _fail("features", "dtype", f.dtype, f"choose one of {DTYPES}")
     if f.autocast not in AUTOCAST:
@@ -393,7 +400,9 @@ def result_settings(cfg: Config) -> dict:
         "schedule": "uniform:j*(T//K)",
         "noise_draws": f.noise_draws,
         "noise_seed": f.seed,
-        "noise_rng": "torch.Generator(cpu).randn keyed by blake2b(seed|uid|t|draw)",
+        "noise": f.noise,
+        "noise_rng": "torch.Generator(cpu).randn keyed by blake2b(seed|key|t|draw), key = "
+                     "sha256(float32 pixels, caption)[:32] (content) or 'common'",
         "normalize": f.normalize,
         "dtype": f.dtype,
         "autocast": f.autocast,

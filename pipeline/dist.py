@@ -13,8 +13,10 @@ there) and is refused with the fix, instead of silently running the whole plan L
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ import torch
 from .errors import ConfigError
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request, run me again"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
@@ -84,6 +86,7 @@ def current(device: str | None = None) -> RankInfo:
                              f"or `torchrun`, not a single-process launcher")
         local_rank = state.process_index
         dev = state.device
+        exit_with_launcher()
     else:
         dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     if device is not None and not device.startswith("cuda"):
@@ -99,15 +102,34 @@ def current(device: str | None = None) -> RankInfo:
     return RankInfo(task * local_world + local_rank, num_tasks * local_world, local_rank, dev)
 
 
+def exit_with_launcher() -> None:
+    """Ask the kernel for SIGTERM when the launcher (our parent) dies, so that a killed
+    `torchrun` / `accelerate launch` never leaves orphaned workers behind (Linux; elsewhere a
+    no-op). SIGTERM takes the usual path: the current unit is dropped, the worker exits 75."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def owned_units(num_units: int, info: RankInfo) -> list[int]:
     """The units rank ``info.rank`` of ``info.world`` extracts: u with u mod world == rank."""
     return list(range(info.rank, num_units, info.world))
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm preemption and --signal); checked between batches.
+    """Set by SIGTERM / SIGUSR1 (Slurm preemption and --signal) and SIGINT (Ctrl-C); checked
+    between batches, so the worker drops its current unit unmarked and exits cleanly.
 
-    Use as a context manager so that the previous handlers come back when the work ends.
+    A second SIGINT stops at once (KeyboardInterrupt; the unit in progress is not marked, so
+    nothing is lost either). Use as a context manager so that the previous handlers come back
+    when the work ends.
     """
 
     def __init__(self):
@@ -131,6 +153,11 @@ class StopFlag:
         self.restore()
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            print("das: interrupted: stopping after the current batch (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
         self.signum = signum
 
     def __bool__(self) -> bool:

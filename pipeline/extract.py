@@ -21,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 from . import dist
-from .config import Config, result_settings
-from .data import DataOptions, Dataset, check_matches_model, open_dataset
-from .errors import ConfigError
+from .config import Config
+from .data import Dataset, check_matches_model, open_dataset
+from .errors import ConfigError, DataError
 from .faults import fault_point
-from .features import FeatureSpec, per_sample_gradients, timestep_grid
-from .kernels import identity as projection_identity
+from .features import FeatureSpec, noise_keys, per_sample_gradients, timestep_grid
+from .fingerprint import data_options, fingerprint, settings_identity
 from .kernels import project
 from .models import DiffusionModel, attributed_params, encode_captions, encode_images, load_model
 from .store import Split, Store, UnitData
@@ -41,6 +41,7 @@ class Job:
     datasets: dict[str, Dataset]
     fingerprint: dict
     param_names: list[str]
+    model_info: dict
 
 
 def feature_spec(cfg: Config) -> FeatureSpec:
@@ -49,20 +50,14 @@ def feature_spec(cfg: Config) -> FeatureSpec:
                        getattr(torch, f.dtype))
 
 
-def fingerprint(cfg: Config, model: DiffusionModel, train: Dataset, param_names: list[str]) -> dict:
-    """Result-affecting settings + model weights + training-set identity (DESIGN.md section 2)."""
-    settings = result_settings(cfg)
-    p = cfg.projection
-    settings["projection"] = projection_identity(p.kind, p.dim, p.seed, p.backend, p.sjlt_nonzeros)
+def model_info(model: DiffusionModel, param_names: list[str]) -> dict:
+    """What the store records about the model beside its fingerprint (informative only: the
+    model digest and the settings already determine it)."""
     shapes = dict(model.unet.named_parameters())
-    selection = hashlib.sha256("\n".join(param_names).encode()).hexdigest()
-    return {"settings": settings,
-            "model": {"digest": model.digest, "pipeline": model.pipeline,
-                      "prediction_type": model.prediction_type, "num_params": model.num_params(),
-                      "attributed_tensors": len(param_names),
-                      "attributed_params": sum(shapes[n].numel() for n in param_names),
-                      "attributed_selection": selection},
-            "train": {"digest": train.digest, "num_samples": len(train)}}
+    return {"pipeline": model.pipeline, "prediction_type": model.prediction_type,
+            "num_params": model.num_params(), "attributed_tensors": len(param_names),
+            "attributed_params": sum(shapes[n].numel() for n in param_names),
+            "attributed_selection": hashlib.sha256("\n".join(param_names).encode()).hexdigest()}
 
 
 def prepare(cfg: Config, splits: list[str] | None = None) -> Job:
@@ -72,27 +67,40 @@ def prepare(cfg: Config, splits: list[str] | None = None) -> Job:
         unknown = [s for s in splits if s not in names]
         if unknown:
             raise ConfigError(f"--split {unknown[0]!r} is not a split of this config; choose from "
-                             f"{names}")
+                              f"{names}")
+    settings_identity(cfg)  # projection settings this machine cannot run fail here, first
     model = load_model(cfg.model.path, cfg.model.lora)
     timestep_grid(model.num_train_timesteps, cfg.features.timesteps)  # raises if K > T
     param_names = attributed_params(model, cfg.features.params)
-    d = cfg.data
-    options = DataOptions(d.caption_column, d.image_column, d.id_column, d.resize, d.center_crop)
-    sources = {"train": d.train, **d.queries}
+    options = data_options(cfg)
+    sources = {"train": cfg.data.train, **cfg.data.queries}
     datasets = {name: open_dataset(name, sources[name], options) for name in names}
     for ds in datasets.values():
         check_matches_model(ds, model.sample_shape, needs_captions=model.conditional)
     if splits:
         datasets = {"train": datasets["train"], **{s: datasets[s] for s in splits}}
-    return Job(cfg, model, datasets, fingerprint(cfg, model, datasets["train"], param_names),
-               param_names)
+    train = datasets["train"]
+    return Job(cfg, model, datasets, fingerprint(cfg, train.digest, len(train)), param_names,
+               model_info(model, param_names))
 
 
-def encode_unit(job: Job, ds: Dataset, lo: int, hi: int) -> dict[str, np.ndarray]:
-    """VAE latents and caption embeddings of rows [lo, hi) (text-conditioned models)."""
+@dataclass
+class UnitInputs:
+    """What the gradient pass of one unit needs."""
+
+    x: torch.Tensor
+    """Clean samples: pixels in [-1, 1], or scaled VAE latents for latent models."""
+    cond: torch.Tensor | None
+    """Caption embeddings (text-conditioned models)."""
+    keys: list[str]
+    """Noise keys, from the pixels and captions (``features.noise_keys``)."""
+
+
+def encode_unit(job: Job, pixels: torch.Tensor, captions: list[str]) -> dict[str, np.ndarray]:
+    """VAE latents and caption embeddings of one unit's rows (text-conditioned models)."""
     step = job.cfg.features.batch_size
-    latents = [encode_images(job.model, ds.load(b, min(hi, b + step))) for b in range(lo, hi, step)]
-    text = encode_captions(job.model, ds.captions[lo:hi])
+    latents = [encode_images(job.model, pixels[b:b + step]) for b in range(0, len(pixels), step)]
+    text = encode_captions(job.model, captions)
     return {"latents": torch.cat(latents).cpu().numpy(), "text": text.cpu().numpy()}
 
 
@@ -103,31 +111,54 @@ def cache_shapes(job: Job) -> dict[str, tuple[int, ...]] | None:
     return {"latents": job.model.latent_shape, "text": tuple(probe.shape[1:])}
 
 
-def unit_inputs(job: Job, split: Split, ds: Dataset, unit: int, stats: dict):
-    """(samples, caption embeddings or None) of a unit; encodes and caches them once if needed."""
+def unit_inputs(job: Job, split: Split, ds: Dataset, unit: int, stats: dict) -> UnitInputs:
+    """A unit's samples, caption embeddings and noise keys; latent models encode their images and
+    captions once and cache them in the store (a resumed run reads them back)."""
     lo, hi = split.unit_rows(unit)
+    pixels = ds.load(lo, hi)
+    captions = ds.captions[lo:hi] if job.model.conditional else None
+    keys = noise_keys(job.cfg.features.noise, pixels, captions)
     if not job.model.conditional:
-        return ds.load(lo, hi), None
+        return UnitInputs(pixels, None, keys)
     if split.cache_done(unit):
         cached = split.read_cache(unit)
         stats["cache_reused"] += 1
     else:
-        cached = encode_unit(job, ds, lo, hi)
+        cached = encode_unit(job, pixels, captions)
         split.write_cache(unit, cached)
         stats["cache_encoded"] += 1
         fault_point("after_cache")
-    return torch.from_numpy(cached["latents"]), torch.from_numpy(cached["text"])
+    return UnitInputs(torch.from_numpy(cached["latents"]), torch.from_numpy(cached["text"]), keys)
+
+
+def _nonfinite(batch, readouts) -> dict[int, list[str]]:
+    """Rows of a batch whose features, residual or rho are not finite: row -> what is bad."""
+    bad: dict[int, list[str]] = {}
+    for i, r in enumerate(readouts):
+        for b in torch.nonzero(~torch.isfinite(batch.grads_RBP[i]).all(1)).flatten().tolist():
+            bad.setdefault(b, []).append(f"{r} features")
+    for name, values in (("residual", batch.residual_B), ("rho", batch.rho_B)):
+        for b in torch.nonzero(~torch.isfinite(values)).flatten().tolist():
+            bad.setdefault(b, []).append(name)
+    return bad
 
 
 def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int,
-                  stop: dist.StopFlag | None = None, inputs=None) -> UnitData | None:
-    """Projected features of rows [lo, hi); None if a stop signal arrived mid-unit.
+                  stop: dist.StopFlag | None = None, inputs: UnitInputs | None = None
+                  ) -> UnitData | None:
+    """Projected features of rows [lo, hi) of ``ds``; None if a stop signal arrived mid-unit.
 
-    ``inputs`` = (samples, caption embeddings or None) for the rows; default: ``ds.load``.
+    ``inputs``: the unit's ``UnitInputs`` (default: the pixels of ``ds.load``, content keys).
+
+    Raises:
+        DataError: a sample's features are not finite and ``[features] nonfinite = "error"``
+            (the default): nothing of the unit is written, and the message names the sample.
     """
     cfg = job.cfg
     spec = feature_spec(cfg)
-    x_all, cond_all = inputs if inputs is not None else (ds.load(lo, hi), None)
+    if inputs is None:
+        pixels = ds.load(lo, hi)
+        inputs = UnitInputs(pixels, None, noise_keys(cfg.features.noise, pixels))
     feats = {r: [] for r in spec.readouts}
     residual, rho = [], []
     for b_lo in range(lo, hi, cfg.features.batch_size):
@@ -135,12 +166,22 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
             return None
         fault_point("batch")
         b_hi = min(hi, b_lo + cfg.features.batch_size)
-        cond = None if cond_all is None else cond_all[b_lo - lo:b_hi - lo]
-        batch = _guard_memory(lambda b_lo=b_lo, b_hi=b_hi, cond=cond: per_sample_gradients(
-            unet, job.model.scheduler, x_all[b_lo - lo:b_hi - lo], ds.uids[b_lo:b_hi], spec,
+        sel = slice(b_lo - lo, b_hi - lo)
+        cond = None if inputs.cond is None else inputs.cond[sel]
+        batch = _guard_memory(lambda sel=sel, cond=cond: per_sample_gradients(
+            unet, job.model.scheduler, inputs.x[sel], inputs.keys[sel], spec,
             param_names=job.param_names, items_per_pass=cfg.features.items_per_pass,
             cond_BLD=cond, vmap_chunk_size=cfg.features.vmap_chunk_size,
             autocast=cfg.features.autocast == "bf16"), cfg)
+        bad = _nonfinite(batch, spec.readouts)
+        if bad:
+            rows = ", ".join(f"row {b_lo + b} (uid {ds.uids[b_lo + b]!r}: {', '.join(what)})"
+                             for b, what in list(bad.items())[:5])
+            raise DataError(
+                f"split {ds.name!r} ({ds.source}): {len(bad)} sample(s) give non-finite values, "
+                f"e.g. {rows}; check those inputs (NaN or extreme pixels?) and the model, or set "
+                f"[features] nonfinite = \"exclude\" to leave such samples out of the Gram and "
+                f"the scores (they are listed in the store and by `das status`)")
         R, B, P = batch.grads_RBP.shape
         p = cfg.projection
         proj = project(batch.grads_RBP.view(R * B, P), p.dim, p.seed, p.kind, backend=p.backend,
@@ -173,6 +214,8 @@ def _guard_memory(compute, cfg: Config):
 def open_splits(job: Job, rank: dist.RankInfo) -> tuple[Store, dict[str, Split]]:
     cfg = job.cfg
     store = Store.open(cfg.store.path, job.fingerprint, create=rank.is_main)
+    if rank.is_main and store.root.attrs.get("model_info") != job.model_info:
+        store.root.attrs["model_info"] = job.model_info
     shapes = cache_shapes(job)
     splits = {}
     for name, ds in job.datasets.items():
@@ -255,5 +298,5 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
     seconds = time.perf_counter() - started
     return {"units": written, "samples": samples, "seconds": seconds, "rank": rank.rank,
             "world": rank.world, "store": str(store.path), **stats,
-            "attributed_params": job.fingerprint["model"]["attributed_params"],
+            "attributed_params": job.model_info["attributed_params"],
             "partials": partials}

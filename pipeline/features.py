@@ -1,6 +1,6 @@
-"""Per-sample gradient features of diffusion readouts (DESIGN.md section 1), with torch.func.
+"""Per-sample gradient features of diffusion readouts (docs/DESIGN.md, "Features"), with torch.func.
 
-For each sample x, timestep t on the grid and noise draw s, with keyed noise eps(uid, t, s):
+For each sample x, timestep t on the grid and noise draw s, with keyed noise eps(key(x), t, s):
     x_t = scheduler.add_noise(x, eps, t),  pred = model(x_t, t [, caption embedding])
     loss = mean_j (pred - target)_j^2,  square = mean_j pred_j^2,  mean = mean_j pred_j
     target = eps for epsilon-prediction schedulers, v = scheduler.get_velocity(x, eps, t) for
@@ -9,6 +9,12 @@ For each sample x, timestep t on the grid and noise draw s, with keyed noise eps
     r(x) = sqrt(1/(K S) sum loss),  rho(x) = 1/(K S) sum mean_j (pred - target)_j
 All readouts come from one shared forward pass per (sample, item); reverse-mode gives each
 readout's gradient from that pass (``jacrev`` over the R readouts).
+
+Noise keys (``noise_keys``): with ``noise = "content"`` a sample's key is a hash of its
+content (its float32 pixels as loaded on the CPU, and its caption), so two different samples
+never share noise whatever their names, splits or file types, and an image queried as itself
+gets exactly its training features. With ``noise = "common"`` every sample shares the noise of
+(seed, t, draw) (common random numbers, as D-TRAK's code effectively does).
 
 Legend: B samples, I (timestep, draw) items, R readouts, P attributed parameters, K proj dim,
 L caption tokens, D text embedding width.
@@ -56,26 +62,74 @@ def item_grid(spec: FeatureSpec, num_train_timesteps: int) -> tuple[torch.Tensor
     return ts_I, draws_I
 
 
-def noise_key(seed: int, uid: str, t: int, draw: int) -> int:
-    """63-bit generator seed for the noise of (run seed, sample uid, timestep, draw)."""
-    digest = hashlib.blake2b(f"{seed}|{uid}|{t}|{draw}".encode(), digest_size=8).digest()
+COMMON_KEY = "common"
+
+
+def content_keys(pixels_BCHW: torch.Tensor, captions: list[str | None] | None = None) -> list[str]:
+    """Noise keys of samples from their content: sha256 of each sample's float32 pixels in
+    [-1, 1] (shape and bytes, as loaded on the CPU) and its caption. Same image and caption,
+    same key, whatever the sample's name, split or file type."""
+    pixels = pixels_BCHW.detach().to("cpu", torch.float32).contiguous()
+    keys = []
+    for b in range(pixels.shape[0]):
+        h = hashlib.sha256(str(tuple(pixels.shape[1:])).encode())
+        h.update(pixels[b].numpy().tobytes())
+        if captions is not None and captions[b] is not None:
+            h.update(b"\x00caption\x00" + captions[b].encode())
+        keys.append(h.hexdigest()[:32])
+    return keys
+
+
+def noise_keys(mode: str, pixels_BCHW: torch.Tensor, captions: list[str | None] | None = None
+               ) -> list[str]:
+    """The noise keys of a batch under ``[features] noise`` (``content`` or ``common``)."""
+    if mode == "common":
+        return [COMMON_KEY] * pixels_BCHW.shape[0]
+    assert mode == "content", mode
+    return content_keys(pixels_BCHW, captions)
+
+
+def noise_key(seed: int, key: str, t: int, draw: int) -> int:
+    """63-bit generator seed for the noise of (run seed, sample key, timestep, draw)."""
+    digest = hashlib.blake2b(f"{seed}|{key}|{t}|{draw}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def keyed_noise(seed: int, uids: list[str], ts_I: torch.Tensor, draws_I: torch.Tensor,
+def keyed_noise(seed: int, keys: list[str], ts_I: torch.Tensor, draws_I: torch.Tensor,
                 shape: tuple[int, ...]) -> torch.Tensor:
     """(B, I, *shape) float32 standard normal noise; row (b, i) depends only on its key.
 
     Drawn on the CPU from a generator seeded by ``noise_key`` so it is the same on any device,
     batch size, rank count and unit order.
     """
-    out = torch.empty(len(uids), len(ts_I), *shape)
+    out = torch.empty(len(keys), len(ts_I), *shape)
     gen = torch.Generator(device="cpu")
-    for b, uid in enumerate(uids):
+    for b, key in enumerate(keys):
         for i, (t, draw) in enumerate(zip(ts_I.tolist(), draws_I.tolist(), strict=True)):
-            gen.manual_seed(noise_key(seed, uid, t, draw))
+            gen.manual_seed(noise_key(seed, key, t, draw))
             out[b, i] = torch.randn(shape, generator=gen)
     return out
+
+
+def noised_items(scheduler, x_BCHW: torch.Tensor, keys: list[str], spec: FeatureSpec
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t (B, I, C, H, W), target (B, I, C, H, W), t (I,)) of the K*S items of each sample.
+
+    x_t and the target (eps, or v for v_prediction schedulers) are computed in float32 on the
+    CPU with the scheduler's own formulas, so they are the same on every device.
+    """
+    ts_I, draws_I = item_grid(spec, int(scheduler.config.num_train_timesteps))
+    shape = tuple(x_BCHW.shape[1:])
+    eps_BI = keyed_noise(spec.seed, keys, ts_I, draws_I, shape)
+    B, num_items = len(keys), len(ts_I)
+    x0 = x_BCHW.to(torch.float32).cpu()[:, None].expand_as(eps_BI).reshape(B * num_items, *shape)
+    flat_eps, flat_t = eps_BI.reshape(B * num_items, *shape), ts_I.repeat(B)
+    xt_BI = scheduler.add_noise(x0, flat_eps, flat_t).view_as(eps_BI)
+    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+        target_BI = scheduler.get_velocity(x0, flat_eps, flat_t).view_as(eps_BI)
+    else:
+        target_BI = eps_BI
+    return xt_BI, target_BI, ts_I
 
 
 @contextmanager
@@ -107,7 +161,7 @@ def _readouts(pred, target, index):
     return values[index], (values[0], diff_f.mean(1))
 
 
-def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor, uids: list[str],
+def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor, keys: list[str],
                          spec: FeatureSpec, param_names: list[str] | None = None,
                          items_per_pass: int = 0, cond_BLD: torch.Tensor | None = None,
                          vmap_chunk_size: int = 0, autocast: bool = False) -> BatchFeatures:
@@ -118,7 +172,7 @@ def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor,
         scheduler: diffusers scheduler providing ``add_noise`` (and ``get_velocity`` for
             v_prediction) and ``config.num_train_timesteps``.
         x_BCHW: clean samples (pixels in [-1, 1], or scaled VAE latents), any dtype/device.
-        uids: B sample uids (noise keys).
+        keys: B noise keys (``noise_keys``).
         param_names: attributed parameters (default: all), in the order of the flat vector.
             Gradients are computed for these only; the others are held constant.
         items_per_pass: (t, draw) items per vmapped pass; 0 = all. Bounds activation memory.
@@ -137,19 +191,9 @@ def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor,
     frozen.update({n: b for n, b in unet.named_buffers()})
     index = torch.tensor([ALL_READOUTS.index(r) for r in spec.readouts])
     num_items = spec.timesteps * spec.noise_draws
-    ts_I, draws_I = item_grid(spec, int(scheduler.config.num_train_timesteps))
     shape = tuple(x_BCHW.shape[1:])
-    eps_BI = keyed_noise(spec.seed, uids, ts_I, draws_I, shape)
-    B = len(uids)
-    # x_t and the target in float32 on the CPU with the scheduler's own formulas, then cast:
-    # the same on every device.
-    x0 = x_BCHW.to(torch.float32).cpu()[:, None].expand_as(eps_BI).reshape(B * num_items, *shape)
-    flat_eps, flat_t = eps_BI.reshape(B * num_items, *shape), ts_I.repeat(B)
-    xt_BI = scheduler.add_noise(x0, flat_eps, flat_t).view_as(eps_BI)
-    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
-        target_BI = scheduler.get_velocity(x0, flat_eps, flat_t).view_as(eps_BI)
-    else:
-        target_BI = eps_BI
+    B = len(keys)
+    xt_BI, target_BI, ts_I = noised_items(scheduler, x_BCHW, keys, spec)
     xt_BI, target_BI = xt_BI.to(device, dtype), target_BI.to(device, dtype)
     ts_I = ts_I.to(device)
     cond_BLD = None if cond_BLD is None else cond_BLD.to(device, dtype)

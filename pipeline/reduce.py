@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .config import METHOD_READOUT, Config
 from .errors import ConfigError, StoreError
 from .faults import fault_point
+from .fingerprint import open_store
 from .linalg import Factor, dual_factor, factor, gram
 from .store import Split, Store
 
@@ -143,7 +144,7 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
     """
     if partials not in ("auto", "require", "ignore"):
         raise ConfigError(f"--partials {partials!r}: choose auto, require or ignore")
-    store = Store.open_existing(cfg.store.path)
+    store = open_store(cfg)
     train = store.split("train")
     markers = train.require_complete()
     digest = markers_digest(markers)

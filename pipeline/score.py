@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 from .config import METHOD_READOUT, Config
+from .fingerprint import check_query_data, open_store
 from .linalg import Factor
 from .reduce import load_factor, markers_digest
 from .report import write_topk_csv
 from .scoring import merge_topk, score_block
-from .store import Store
 
 
 def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: bool = True,
@@ -29,9 +29,10 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
     """Score every query set against the training set and write scores + top-k CSVs.
 
     Raises:
-        StoreError: missing/incomplete splits or a stale reduction.
+        StoreError: another fingerprint, missing/incomplete splits, query data changed since
+            extraction, or a stale reduction; nothing is written then.
     """
-    store = Store.open_existing(cfg.store.path)
+    store = open_store(cfg)
     train = store.split("train")
     train_markers = train.require_complete()
     methods = list(cfg.score.methods)
@@ -39,6 +40,7 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
     factors: dict[str, Factor] = {r: load_factor(store, r, device) for r in readouts}
     lams = {r: f.damping(cfg.score.damping, cfg.score.damping_absolute) for r, f in factors.items()}
     names = query_sets or list(cfg.data.queries)
+    check_query_data(cfg, store, names)  # before anything is written
     train_uids = train.uids()
     dtype = train.group["features"][readouts[0]].dtype
     summary = {}

@@ -7,7 +7,7 @@ import tomllib
 import torch
 
 from das_pipeline.config import dump_toml
-from das_pipeline.features import item_grid, keyed_noise
+from das_pipeline.features import content_keys, item_grid, keyed_noise
 from das_pipeline.kernels.reference import matrix_block
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -48,15 +48,19 @@ def write_config(path: Path, model_dir: Path, **overrides) -> Path:
     return example_config(path, "digits", **values)
 
 
-def loop_gradients(unet, scheduler, x, uids, spec):
-    """Per-sample features by a for-loop of backward(): (R, B, P) grads and (B,) residuals r."""
+def loop_gradients(unet, scheduler, x, keys, spec):
+    """Per-sample features by a for-loop of backward(): (R, B, P) grads and (B,) residuals r.
+
+    ``keys``: the noise keys, or None for the product's default (content keys of ``x``).
+    """
     unet.requires_grad_(True)
+    keys = content_keys(x) if keys is None else keys
     ts, draws = item_grid(spec, scheduler.config.num_train_timesteps)
-    eps = keyed_noise(spec.seed, uids, ts, draws, tuple(x.shape[1:]))
-    grads = torch.zeros(len(spec.readouts), len(uids), sum(p.numel() for p in unet.parameters()),
+    eps = keyed_noise(spec.seed, keys, ts, draws, tuple(x.shape[1:]))
+    grads = torch.zeros(len(spec.readouts), len(keys), sum(p.numel() for p in unet.parameters()),
                         dtype=torch.float64)
-    residual = torch.zeros(len(uids), dtype=torch.float64)
-    for b in range(len(uids)):
+    residual = torch.zeros(len(keys), dtype=torch.float64)
+    for b in range(len(keys)):
         for i in range(len(ts)):
             xt = scheduler.add_noise(x[b:b + 1].float(), eps[b, i:i + 1], ts[i:i + 1]).double()
             e = eps[b, i:i + 1].double()

@@ -136,28 +136,29 @@ def test_rho_residual_scores_are_r_scores_rescaled(make_config, tmp_path):
 def test_truth_is_keyed_per_query_and_matches_a_plain_loop(tiny_model_dir):
     from das_pipeline.data import open_dataset
     from das_pipeline.eval.truth import model_output, query_items
-    from das_pipeline.features import keyed_noise
+    from das_pipeline.features import content_keys, keyed_noise
     from das_pipeline.models import load_model
 
     model = load_model(tiny_model_dir)
     ds = open_dataset("q", "digits[200:204]")
     x = ds.load(0, 4)
-    xt, ts, eps = query_items(ds.uids, x, model.scheduler, 5, 2, seed=1)
-    F = model_output(model.unet, xt, ts, eps, batch=3)
-    # Slow twin: one (t, draw) at a time with freshly keyed noise.
+    items = query_items(model, x, None, 5, 2, seed=1)
+    F = model_output(model.unet, items, batch=3)
+    # Slow twin: one (t, draw) at a time with freshly keyed noise (keyed by the query's pixels).
+    keys = content_keys(x)
     for q in range(4):
         losses = []
-        for t in ts.unique().tolist():
+        for t in items.ts_I.unique().tolist():
             for d in range(2):
-                e = keyed_noise(1, [ds.uids[q]], torch.tensor([t]), torch.tensor([d]), (1, 8, 8))[0, 0]
+                e = keyed_noise(1, [keys[q]], torch.tensor([t]), torch.tensor([d]), (1, 8, 8))[0, 0]
                 xt1 = model.scheduler.add_noise(x[q:q + 1], e[None], torch.tensor([t]))
                 with torch.no_grad():
                     pred = model.unet(xt1, torch.tensor([t])).sample
                 losses.append(float((pred - e).pow(2).mean()))
         assert F[q] == pytest.approx(np.mean(losses), rel=1e-5)
-    # Query 2 alone gives the same output: the items depend on its uid, not its position.
-    xt2, ts2, eps2 = query_items(ds.uids[2:3], x[2:3], model.scheduler, 5, 2, seed=1)
-    assert model_output(model.unet, xt2, ts2, eps2)[0] == pytest.approx(F[2], rel=1e-6)
+    # Query 2 alone gives the same output: the items depend on its content, not its position.
+    alone = query_items(model, x[2:3], None, 5, 2, seed=1)
+    assert model_output(model.unet, alone)[0] == pytest.approx(F[2], rel=1e-6)
 
 
 RECIPE = {"widths": [8, 16], "attention": False, "num_train_timesteps": 50, "steps": 3,

@@ -108,21 +108,24 @@ def test_sigkill_at_ten_random_points_then_resume(reference, tmp_path, tiny_mode
 
 
 @pytest.mark.dist
-def test_sigterm_exits_75_and_rerun_resumes(reference, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_exits_75_and_rerun_resumes(reference, tmp_path, tiny_model_dir, sig):
+    """SIGTERM (Slurm) and SIGINT (Ctrl-C) take the same clean path: no traceback, exit 75."""
     cfg = write_config(tmp_path / "stop.toml", tiny_model_dir, tmp_path / "stop.zarr",
                        rows_per_unit=2)
     proc = subprocess.Popen([*DAS, "extract", str(cfg), "--quiet"], env=das_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_first_unit(tmp_path / "stop.zarr", proc.poll)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         sent = time.monotonic()
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == dist.PREEMPT_EXIT_CODE, err[-2000:]
     assert time.monotonic() - sent < 60
-    assert f"preempted: signal {int(signal.SIGTERM)}" in err and "rerun to continue" in err
+    assert f"preempted: signal {int(sig)}" in err and "rerun to continue" in err
+    assert "Traceback" not in err, err[-2000:]
     stopped = snapshot(tmp_path / "stop.zarr")
     done_units = sum(int((m[:, 0] == 1).sum()) for m in stopped.values())
     assert 0 < done_units < NUM_UNITS

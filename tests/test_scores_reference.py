@@ -27,8 +27,8 @@ def brute(tiny_model_dir):
 
     spec = FeatureSpec(**spec_cfg, dtype=torch.float64)
     train, queries = open_dataset("train", "digits[0:24]"), open_dataset("q", "digits[100:104]")
-    g_train, r_train = loop_gradients(unet, model.scheduler, train.load(0, 24), train.uids, spec)
-    g_query, _ = loop_gradients(unet, model.scheduler, queries.load(0, 4), queries.uids, spec)
+    g_train, r_train = loop_gradients(unet, model.scheduler, train.load(0, 24), None, spec)
+    g_query, _ = loop_gradients(unet, model.scheduler, queries.load(0, 4), None, spec)
     proj = dense_projection(g_train.shape[2], 32, 0)
     names = spec.readouts
     feats = {r: g_train[i] @ proj for i, r in enumerate(names)}

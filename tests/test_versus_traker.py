@@ -38,7 +38,7 @@ from traker_adapter import (  # noqa: E402
 
 from das_pipeline.data import open_dataset  # noqa: E402
 from das_pipeline.eval.lds import spearman_rows  # noqa: E402
-from das_pipeline.features import FeatureSpec, per_sample_gradients  # noqa: E402
+from das_pipeline.features import FeatureSpec, content_keys, per_sample_gradients  # noqa: E402
 from das_pipeline.kernels import project  # noqa: E402
 from das_pipeline.linalg import factor, gram  # noqa: E402
 from das_pipeline.models import load_model  # noqa: E402
@@ -73,8 +73,10 @@ def both_scores(setting, method: str, dim: int, params=None, same_projection: bo
     spec = FeatureSpec((readout,), TIMESTEPS, 1, seed=0)
     x_train, x_query = train.load(0, len(train)), queries.load(0, len(queries))
     # ours: per-sample gradients -> projection -> float64 Gram factor -> (G + lambda I)^-1
-    g_train = per_sample_gradients(model.unet, model.scheduler, x_train, train.uids, spec, params)
-    g_query = per_sample_gradients(model.unet, model.scheduler, x_query, queries.uids, spec, params)
+    g_train = per_sample_gradients(model.unet, model.scheduler, x_train, content_keys(x_train), spec,
+                                   params)
+    g_query = per_sample_gradients(model.unet, model.scheduler, x_query, content_keys(x_query), spec,
+                                   params)
     phi_train = project(g_train.grads_RBP[0], dim, 0)
     phi_query = project(g_query.grads_RBP[0], dim, 0)
     fac = factor(gram([phi_train], dim), len(train))

@@ -45,6 +45,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_truth(args) -> int:
+    from ..fingerprint import data_options
     from .lds import load_subsets
     from .truth import run_truth
 
@@ -57,7 +58,7 @@ def cmd_truth(args) -> int:
     subsets = load_subsets(args.subsets)
     s = run_truth({n: cfg.data.queries[n] for n in names}, Path(args.models), len(subsets.mask_MN),
                   Path(args.out), args.timesteps, args.draws, args.seed,
-                  log=(lambda *_: None) if args.quiet else print)
+                  log=(lambda *_: None) if args.quiet else print, options=data_options(cfg))
     print(f"lds truth: {s['models']} models in {s['seconds']:.1f} s -> "
           f"{', '.join(s['paths'].values())}")
     return 0
@@ -68,7 +69,9 @@ def _open_store(target: str):
 
     path = Path(target)
     if path.suffix == ".toml":
-        return Store.open_existing(_config(path).store.path)
+        from ..fingerprint import open_store
+
+        return open_store(_config(path))
     return Store.open_existing(path)
 
 

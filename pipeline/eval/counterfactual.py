@@ -54,7 +54,7 @@ def read_generation(source: str) -> dict:
 
 
 def _retrain_and_regenerate(train_source: str, keep_rows: list[int], recipe: dict, seed: int,
-                            sample_seed: int, steps: int, xt, ts, eps, cache: Path
+                            sample_seed: int, steps: int, items, cache: Path
                             ) -> tuple[np.ndarray, float]:
     """Retrain without the removed rows, regenerate, and measure; cached by all its inputs."""
     from ..data import open_dataset
@@ -62,7 +62,8 @@ def _retrain_and_regenerate(train_source: str, keep_rows: list[int], recipe: dic
     from .truth import model_output
 
     key = hashlib.sha256(json.dumps([train_source, keep_rows, recipe, seed, sample_seed, steps])
-                         .encode() + xt.numpy().tobytes() + eps.numpy().tobytes()).hexdigest()[:24]
+                         .encode() + items.xt_QI.numpy().tobytes()
+                         + items.target_QI.numpy().tobytes()).hexdigest()[:24]
     path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:
@@ -74,7 +75,7 @@ def _retrain_and_regenerate(train_source: str, keep_rows: list[int], recipe: dic
         images = train.load(0, len(train))[torch.as_tensor(keep_rows)]
         unet, scheduler, _ = train_recipe(recipe, images, seed)
         image = sample_keyed(unet, scheduler, [sample_seed], steps)[0].numpy()
-        loss = float(model_output(unet, xt, ts, eps)[0])
+        loss = float(model_output(unet, items)[0])
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, image=image, loss=loss)
     return image, loss
@@ -106,16 +107,15 @@ def run_counterfactual(cfg, query_set: str, rows: list[int], methods: list[str],
     originals, base_loss = {}, {}
     for q in rows:
         s_q = int(gen["seeds"][q])
-        xt, ts, eps = query_items([qs.uids[q]], qs.load(q, q + 1), base.scheduler, truth_timesteps,
-                                  1, truth_seed)
+        items = query_items(base, qs.load(q, q + 1), None, truth_timesteps, 1, truth_seed)
         originals[q] = sample_keyed(base.unet, base.scheduler, [s_q], steps)[0].numpy()
-        base_loss[q] = float(model_output(base.unet, xt, ts, eps)[0])
+        base_loss[q] = float(model_output(base.unet, items)[0])
         removals = {meth: np.argsort(-scores[meth][q], kind="stable")[:m] for meth in methods}
         removals["random"] = np.random.default_rng([seed, q]).choice(N, size=m, replace=False)
         for name, removed in removals.items():
             keep = np.setdiff1d(np.arange(N), removed).tolist()
             jobs_args.append((cfg.data.train, keep, recipe, int(recipe.get("seed", 0)), s_q, steps,
-                              xt, ts, eps, out / "cache"))
+                              items, out / "cache"))
             keys.append((q, name))
     started = time.perf_counter()
     if jobs <= 1:

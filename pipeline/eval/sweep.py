@@ -30,6 +30,7 @@ import torch
 
 from ..config import METHOD_READOUT
 from ..errors import EvalError
+from ..kernels import RNG_VERSION
 from ..linalg import Factor, dual_factor, factor, gram
 from ..reduce import load_factor
 from ..scoring import attribution
@@ -99,6 +100,22 @@ def read_split(store: Store, name: str, readouts, dim: int | None = None):
         rho.append(data.rho.astype(np.float64))
     return ({r: np.concatenate(v) for r, v in feats.items()}, np.concatenate(res),
             np.concatenate(rho), split.uids())
+
+
+def check_truncatable(fingerprint: dict) -> None:
+    """Refuse ``--k`` below the store's k unless a prefix of the features is a smaller projection
+    of the same kind: true for the dense kinds of our Philox matrix (column b depends on (seed, a,
+    b) only), false for sjlt (each input coordinate hits s of all k columns, so a prefix is not an
+    sjlt matrix), fast-jl (its own matrix) and any structured (factored) projection.
+    """
+    proj = fingerprint.get("settings", {}).get("projection", {})
+    if proj.get("kind") in ("rademacher", "gaussian") and proj.get("rng") == RNG_VERSION \
+            and proj.get("engine", "dense") == "dense":
+        return
+    raise EvalError(f"--k below the store's k = {proj.get('dim')} evaluates a prefix of its "
+                    f"features, which is a smaller projection only for the dense rademacher and "
+                    f"gaussian kinds; this store's projection is {proj}: extract a store at each k "
+                    f"instead (or drop --k)")
 
 
 def store_factor(store: Store, readout: str, train_feats_NK: np.ndarray, store_dim: int) -> Factor:
@@ -238,6 +255,8 @@ def eval_sweep(store: Store, query_set: str, variants: list[Variant] | None, mas
         _check_variant(v, readouts)
     needed = sorted({v.base_readout for v in variants}, key=readouts.index)
     dims = list(dims or [train.dim])
+    if any(k != train.dim for k in dims):
+        check_truncatable(store.fingerprint)
     select, report = query_halves(q_split.num_samples, halves_seed)
     out = {"select": select.tolist(), "report": report.tolist(), "by_k": {}}
     for k in dims:
