@@ -144,11 +144,12 @@ def _nonfinite(batch, readouts) -> dict[int, list[str]]:
 
 
 def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int,
-                  stop: dist.StopFlag | None = None, inputs: UnitInputs | None = None
-                  ) -> UnitData | None:
+                  stop: dist.StopFlag | None = None, inputs: UnitInputs | None = None,
+                  on_batch=None) -> UnitData | None:
     """Projected features of rows [lo, hi) of ``ds``; None if a stop signal arrived mid-unit.
 
     ``inputs``: the unit's ``UnitInputs`` (default: the pixels of ``ds.load``, content keys).
+    ``on_batch(n)`` is called after each batch of n samples (progress).
 
     Raises:
         DataError: a sample's features are not finite and ``[features] nonfinite = "error"``
@@ -190,6 +191,8 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
             feats[r].append(proj[i].cpu().numpy())
         residual.append(batch.residual_B.cpu().numpy())
         rho.append(batch.rho_B.cpu().numpy())
+        if on_batch is not None:
+            on_batch(b_hi - b_lo)
     return UnitData({r: np.concatenate(v) for r, v in feats.items()}, np.concatenate(residual),
                     np.concatenate(rho))
 
@@ -260,7 +263,7 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
     written, samples = 0, 0
     stats = {"cache_encoded": 0, "cache_reused": 0}
     with tqdm(total=int(total), unit="sample", disable=not show_progress or total == 0,
-              desc=f"extract rank {rank.rank}/{rank.world}") as bar:
+              desc=f"extract rank {rank.rank}/{rank.world}", smoothing=0.1) as bar:
         for name, unit in todo:
             split, ds = split_map[name], job.datasets[name]
             if split.is_done(unit):  # another worker (e.g. a requeued twin) finished it
@@ -269,7 +272,8 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
             fault_point("claim")
             lo, hi = split.unit_rows(unit)
             inputs = unit_inputs(job, split, ds, unit, stats)
-            data = unit_features(job, unet, ds, lo, hi, stop, inputs)
+            bar.set_postfix_str(f"{name} unit {unit}", refresh=False)
+            data = unit_features(job, unet, ds, lo, hi, stop, inputs, on_batch=bar.update)
             if data is None:
                 raise dist.Preempted(f"signal {stop.signum}: dropped unit {unit} of {name!r} "
                                      f"unmarked after {written} units; rerun to continue")
@@ -277,8 +281,6 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
             if split.commit_unit(unit, data, rank.rank):
                 written += 1
                 samples += hi - lo
-            bar.set_postfix(split=name, unit=unit)
-            bar.update(hi - lo)
             fault_point("after_unit")
             if stop:
                 raise dist.Preempted(f"signal {stop.signum}: stopped after unit {unit} of "
