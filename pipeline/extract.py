@@ -77,7 +77,7 @@ def prepare(cfg: Config, splits: list[str] | None = None) -> Job:
     timestep_grid(model.num_train_timesteps, cfg.features.timesteps)  # raises if K > T
     param_names = attributed_params(model, cfg.features.params)
     d = cfg.data
-    options = DataOptions(d.caption_column, d.image_column, d.id_column, d.resize, d.center_crop)
+    options = DataOptions.from_config(d)
     sources = {"train": d.train, **d.queries}
     datasets = {name: open_dataset(name, sources[name], options) for name in names}
     for ds in datasets.values():

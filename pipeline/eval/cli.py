@@ -17,11 +17,11 @@ def _config(path):
 
 
 def cmd_subsets(args) -> int:
-    from ..data import open_dataset
+    from ..data import DataOptions, open_dataset
     from .lds import make_subsets, read_labels, save_subsets
 
     cfg = _config(args.config)
-    train = open_dataset("train", cfg.data.train)
+    train = open_dataset("train", cfg.data.train, DataOptions.from_config(cfg.data))
     labels = read_labels(args.labels, train.uids, args.label_column) if args.labels else None
     mask = make_subsets(len(train), args.num, args.alpha, args.seed, labels)
     seeds = (np.arange(args.num, dtype=np.int64) + args.train_seed if args.seed_per_subset
