@@ -153,3 +153,29 @@ def test_datasets_folder_rows_hash_their_image_bytes(tmp_path):
     assert len(set(a.row_digests)) == 3
     assert [i for i in range(3) if a.row_digests[i] != b.row_digests[i]] == [1]
     assert a.digest != b.digest and save([10, 20, 30], "c").digest == a.digest
+
+
+def _check_in_child(paths, queue):
+    queue.put([tuple(r) for r in digests.check_files(paths, 1 << 30, "test")])
+
+
+def test_processes_sharing_the_cache_agree(tmp_path, cache_dir):
+    import multiprocessing
+
+    folder = write_pngs(tmp_path / "imgs", np.repeat(digits_array()[:50, 0], 4, axis=0))
+    paths = sorted(str(p) for p in folder.iterdir())
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_check_in_child, args=(paths, queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(r == results[0] for r in results) and len(results[0]) == 200
+    import sqlite3
+
+    with sqlite3.connect(cache_dir / digests.CACHE_FILE) as db:
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (200,)
+    assert [tuple(r) for r in digests.check_files(paths, 1 << 30, "test")] == results[0]
