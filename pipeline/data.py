@@ -369,11 +369,11 @@ def _check_range(lo: float, hi: float, value_range: str, what: str) -> tuple[flo
         return VALUE_RANGES["auto"]
     ranges = sorted((r for r in _MAPPING if fits(*VALUE_RANGES[r])),
                     key=lambda r: VALUE_RANGES[r][1] - VALUE_RANGES[r][0])
-    fix = (" or ".join(f"value_range = \"{r}\" ({_MAPPING[r]})" for r in ranges) +
+    fix = ("set [data] " + " or ".join(f"value_range = \"{r}\" ({_MAPPING[r]})" for r in ranges) +
            " to declare the range the data was saved in" if ranges else
            "rescale the data to [-1, 1] (x / 127.5 - 1 for 0..255 data) or save uint8")
     raise DataError(f"{what}: {span}, not [-1, 1] with some values below 0, which [data] "
-                    f"value_range = \"auto\" requires of float data; set {fix}")
+                    f"value_range = \"auto\" requires of float data; {fix}")
 
 
 def _read_metadata(folder: Path, what: str) -> list[dict] | None:
