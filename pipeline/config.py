@@ -29,6 +29,7 @@ AUTOCAST = ("none", "bf16")
 OPTIONAL_PATHS = {("store", "reports"), ("model", "lora")}
 RESIDUALS = ("r", "rho")
 NOISE_MODES = ("content", "common")
+NONFINITE = ("error", "exclude")
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = "digits"
-    """Training set: a .npy/.npz array (N,C,H,W) in [-1,1] or uint8, a folder of PNG/JPEG images
-    (rows in sorted file-name order), or `digits` (scikit-learn's 8x8 digits). A row range may
+    """Training set: a .npy/.npz array (N,C,H,W), uint8 or float (see value_range), a folder of
+    PNG/JPEG images (rows in sorted file-name order), or `digits` (scikit-learn's 8x8 digits). A row range may
     follow in brackets, e.g. `digits[0:400]`; samples keep their original row index as uid."""
     queries: dict[str, str] = field(default_factory=dict)
     """Query sets by name, each in the same forms as `train`. Names become store groups."""
@@ -63,6 +64,15 @@ class DataConfig:
     without it, a size mismatch is an error."""
     center_crop: bool = False
     """After resizing, center-crop to the model's square resolution (needed for non-square images)."""
+    convert: str = ""
+    """Images in modes other than L and RGB (RGBA, LA, P, I;16, CMYK, ...): "" refuses them,
+    naming the file; "RGB" or "L" converts every image to that mode, compositing transparency on
+    white and scaling 16-bit grayscale to 0..255 (rules: pipeline/data.py)."""
+    value_range: str = "auto"
+    """Value range of float arrays (uint8 arrays and image files are always 0..255): auto takes
+    data within [-1, 1] with some values below 0 and refuses anything else, naming its min/max;
+    "-1,1", "0,1" or "0,255" declare the range, mapped linearly to [-1, 1]; values outside the
+    declared range are refused."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,11 @@ class FeaturesConfig:
     params: tuple[str, ...] = ()
     """Attributed parameters: fnmatch patterns on parameter names (e.g. `*attn2*`). Empty: all
     UNet parameters, or the LoRA parameters when [model] lora is set. Only these get gradients."""
+    nonfinite: str = "error"
+    """What a sample whose features come out NaN or infinite does: error (stop, naming the sample;
+    nothing of its unit is written) or exclude (stored as excluded: zero features, left out of the
+    Gram and the scores, listed in the store and by `das status`). Operational: excluded samples
+    are recorded in the store itself."""
     autocast: str = "none"
     """Forward pass precision: none, or bf16 (autocast; gradients still accumulate in float32)."""
 
@@ -340,6 +355,8 @@ def validate(cfg: Config) -> None:
         raise _fail("features", "items_per_pass", f.items_per_pass, "must be >= 0 (0 = all)")
     if f.seed < 0:
         raise _fail("features", "seed", f.seed, "must be >= 0")
+    if f.nonfinite not in NONFINITE:
+        raise _fail("features", "nonfinite", f.nonfinite, f"choose one of {NONFINITE}")
     if f.noise not in NOISE_MODES:
         raise _fail("features", "noise", f.noise, f"choose one of {NOISE_MODES}")
     if f.dtype not in DTYPES:
@@ -352,6 +369,12 @@ def validate(cfg: Config) -> None:
         raise _fail("features", "vmap_chunk_size", f.vmap_chunk_size, "must be >= 0 (0 = whole batch)")
     if cfg.data.center_crop and not cfg.data.resize:
         raise _fail("data", "center_crop", True, "needs resize = true (crop follows the resize)")
+    if cfg.data.convert not in ("", "RGB", "L"):
+        raise _fail("data", "convert", cfg.data.convert,
+                    "choose \"RGB\" or \"L\" (convert other image modes), or \"\" (refuse them)")
+    if cfg.data.value_range not in ("auto", "-1,1", "0,1", "0,255"):
+        raise _fail("data", "value_range", cfg.data.value_range, "choose \"auto\", \"-1,1\", "
+                    "\"0,1\" or \"0,255\" (the range float arrays were saved in)")
     if p.dim < 1:
         raise _fail("projection", "dim", p.dim, "must be >= 1 (typical: 2048 to 32768)")
     if not 0 <= p.seed < 2**64:
@@ -407,7 +430,8 @@ def result_settings(cfg: Config) -> dict:
         "dtype": f.dtype,
         "autocast": f.autocast,
         "params": list(f.params),
-        "transform": {"resize": cfg.data.resize, "center_crop": cfg.data.center_crop},
+        "transform": {"resize": cfg.data.resize, "center_crop": cfg.data.center_crop,
+                      "convert": cfg.data.convert, "value_range": cfg.data.value_range},
         "projection": {"kind": p.kind, "dim": p.dim, "seed": p.seed,
                        **({"nonzeros": p.sjlt_nonzeros} if p.kind == "sjlt" else {})},
     }

@@ -16,20 +16,13 @@ import hashlib
 from pathlib import Path
 
 from .config import Config, result_settings
+from .digests import file_digests
 from .errors import ConfigError, StoreError
 from .kernels import identity as projection_identity
 
 # Pipeline component folders whose files make the model (the root's das_recipe.json and other
 # notes beside them are not part of it).
 COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_digest(path: Path, lora: Path | None = None) -> str:
@@ -41,14 +34,15 @@ def model_digest(path: Path, lora: Path | None = None) -> str:
         if (path / sub).is_dir():
             files += sorted(p for p in (path / sub).rglob("*") if p.is_file()
                             and not p.name.startswith("."))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(path)}:{_file_digest(f)};".encode())
+    names = [str(f.relative_to(path)) for f in files]
     if lora is not None:
         lora = Path(lora)
         weights = [lora] if lora.is_file() else sorted(lora.glob("*.safetensors"))
-        for f in weights:
-            h.update(f"lora/{f.name}:{_file_digest(f)};".encode())
+        files += weights
+        names += [f"lora/{f.name}" for f in weights]
+    h = hashlib.sha256()
+    for name, digest in zip(names, file_digests(files), strict=True):
+        h.update(f"{name}:{digest};".encode())
     return h.hexdigest()
 
 
@@ -82,8 +76,7 @@ def data_options(cfg: Config):
     """The per-split read options of ``[data]`` (and ``[features] nonfinite``)."""
     from .data import DataOptions
 
-    d = cfg.data
-    return DataOptions(d.caption_column, d.image_column, d.id_column, d.resize, d.center_crop)
+    return DataOptions.from_config(cfg.data, allow_nonfinite=cfg.features.nonfinite == "exclude")
 
 
 def open_store(cfg: Config):

@@ -18,10 +18,11 @@ def _config(path):
 
 def cmd_subsets(args) -> int:
     from ..data import open_dataset
+    from ..fingerprint import data_options
     from .lds import make_subsets, read_labels, save_subsets
 
     cfg = _config(args.config)
-    train = open_dataset("train", cfg.data.train)
+    train = open_dataset("train", cfg.data.train, data_options(cfg))
     labels = read_labels(args.labels, train.uids, args.label_column) if args.labels else None
     mask = make_subsets(len(train), args.num, args.alpha, args.seed, labels)
     seeds = (np.arange(args.num, dtype=np.int64) + args.train_seed if args.seed_per_subset
@@ -33,12 +34,14 @@ def cmd_subsets(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from ..fingerprint import data_options
     from .retrain import load_recipe, run_train
 
     cfg = _config(args.config)
     recipe = None if args.command else load_recipe(args.recipe or cfg.model.path)
     s = run_train(cfg.data.train, Path(args.subsets), Path(args.out), recipe, args.command,
-                  args.jobs, threads=args.threads, log=(lambda *_: None) if args.quiet else print)
+                  args.jobs, threads=args.threads, log=(lambda *_: None) if args.quiet else print,
+                  options=data_options(cfg))
     print(f"lds train: {s['trained']} trained, {s['skipped']} already done, {s['seconds']:.1f} s "
           f"-> {args.out}")
     return 0

@@ -86,6 +86,7 @@ def run_counterfactual(cfg, query_set: str, rows: list[int], methods: list[str],
                        truth_timesteps: int = 100, truth_seed: int = 1, log=print) -> dict:
     """Run the check for query ``rows`` of ``query_set``; writes results.json and picture.png."""
     from ..data import open_dataset
+    from ..fingerprint import data_options
     from ..models import load_model
     from ..store import read_scores
     from .truth import model_output, query_items
@@ -93,11 +94,11 @@ def run_counterfactual(cfg, query_set: str, rows: list[int], methods: list[str],
     if not 0.0 < fraction < 1.0:
         raise EvalError(f"--fraction {fraction}: must be in (0, 1) (e.g. 0.1 removes 10% of N)")
     gen = read_generation(cfg.data.queries[query_set])
-    qs = open_dataset(query_set, cfg.data.queries[query_set])
+    qs = open_dataset(query_set, cfg.data.queries[query_set], data_options(cfg))
     bad = [r for r in rows if not 0 <= r < len(qs)]
     if bad:
         raise EvalError(f"--queries {bad}: query set {query_set!r} has rows 0..{len(qs) - 1}")
-    train = open_dataset("train", cfg.data.train)
+    train = open_dataset("train", cfg.data.train, data_options(cfg))
     N = len(train)
     m = max(1, int(round(fraction * N)))
     scores = {meth: read_scores(cfg.store.path, query_set, meth) for meth in methods}

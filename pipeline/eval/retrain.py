@@ -79,16 +79,20 @@ def subset_done(folder: Path, identity: dict) -> bool:
 
 
 def train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: dict | None,
-              command: str | None, threads: int = 1) -> dict:
-    """Train subset m into <out>/<m:04d>/ (skipped when its marker matches). Picklable entry point."""
+              command: str | None, threads: int = 1, options=None) -> dict:
+    """Train subset m into <out>/<m:04d>/ (skipped when its marker matches). Picklable entry point.
+
+    ``options``: the config's ``DataOptions``, so the training images are read as the features
+    read them.
+    """
     from ..dist import torch_threads
 
     with torch_threads(threads):
-        return _train_one(train_source, subsets_path, m, out, recipe, command)
+        return _train_one(train_source, subsets_path, m, out, recipe, command, options)
 
 
 def _train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: dict | None,
-               command: str | None) -> dict:
+               command: str | None, options=None) -> dict:
     from ..data import open_dataset
     from ..recipe import save_pipeline
     from .lds import load_subsets
@@ -103,7 +107,7 @@ def _train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: d
     rows = np.flatnonzero(subsets.mask_MN[m])
     seed = int(subsets.seeds_M[m])
     if command is None:
-        train = open_dataset("train", train_source)
+        train = open_dataset("train", train_source, options)
         images = train.load(0, len(train))[torch.from_numpy(rows)]
         unet, scheduler, summary = train_recipe(recipe, images, seed)
         save_pipeline(unet, scheduler, folder / "model")
@@ -128,7 +132,7 @@ def _train_one(train_source: str, subsets_path: str, m: int, out: str, recipe: d
 
 def run_train(train_source: str, subsets_path: Path, out: Path, recipe: dict | None,
               command: str | None = None, jobs: int = 1, subsets_only: list[int] | None = None,
-              threads: int = 1, log=print) -> dict:
+              threads: int = 1, log=print, options=None) -> dict:
     """Train this rank's unfinished subsets, ``jobs`` processes at a time; returns a summary."""
     from .. import dist
     from .lds import load_subsets
@@ -145,7 +149,8 @@ def run_train(train_source: str, subsets_path: Path, out: Path, recipe: dict | N
     if subsets_only is not None:
         mine = [m for m in mine if m in set(subsets_only)]
     started = time.perf_counter()
-    args = [(train_source, str(subsets_path), m, str(out), recipe, command, threads) for m in mine]
+    args = [(train_source, str(subsets_path), m, str(out), recipe, command, threads, options)
+            for m in mine]
     results = []
     if jobs <= 1:
         for a in args:
