@@ -119,6 +119,7 @@ class FactoredPlan:
     layers: tuple[KronLayer, ...]
     rest: tuple[RestParam, ...]
     rest_dim: int
+    allocation: str  # "sqrt-numel" (default rule) or "weights" (given per-module weights)
     _signs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=dict)
     _cache: dict = field(repr=False, default_factory=dict)
 
@@ -127,13 +128,22 @@ class FactoredPlan:
         return self.dim - self.rest_dim
 
     @property
+    def module_names(self) -> list[str]:
+        """Attributed modules in allocation order: Kronecker layers, then rest modules."""
+        return [lay.name for lay in self.layers] + list(dict.fromkeys(r.module for r in self.rest))
+
+    @property
     def rest_seed(self) -> int:
         return derived_seed(self.seed, "<rest>", "rest")
 
     @classmethod
     def build(cls, unet: nn.Module, param_names: list[str] | None, dim: int, seed: int,
-              kind: str = "rademacher") -> FactoredPlan:
+              kind: str = "rademacher", weights: dict[str, float] | None = None) -> FactoredPlan:
         """Plan the factored projection of ``param_names`` (default: all) to ``dim`` features.
+
+        ``weights``: optional allocation weight per attributed module name (k_m ~ weights[m]
+        instead of sqrt(numel)), e.g. from ``energy_weights`` on a calibration batch; every
+        attributed module needs one (``FactoredPlan.build(...).module_names`` lists them).
 
         Raises:
             ValueError: unknown or repeated names, kind not dense, dim outside
@@ -186,7 +196,15 @@ class FactoredPlan:
             raise ValueError(f"projection dim={dim}: the factored engine needs dim between the number "
                              f"of attributed modules ({len(sizes)}) and of attributed parameters "
                              f"({sum(sizes)}); choose a dim in that range or attribute other parameters")
-        shares = allocate(sizes, dim)
+        modules = [m for m, *_ in kron] + [m for m, *_ in rest]
+        if weights is not None:
+            missing = [m for m in modules if m not in weights]
+            bad = [m for m in modules if m in weights and not (math.isfinite(weights[m]) and weights[m] >= 0)]
+            if missing or bad or not any(weights.get(m, 0) > 0 for m in modules):
+                raise ValueError(f"weights: need a finite weight >= 0 (some > 0) for every attributed "
+                                 f"module; missing {missing[:3]}, invalid {bad[:3]}; compute them with "
+                                 f"energy_weights(...) or pass weights=None (sqrt(numel) rule)")
+        shares = allocate(sizes, dim, None if weights is None else [float(weights[m]) for m in modules])
 
         layers, signs, offset = [], {}, 0
         for (mod_name, mod, attrs), k_m in zip(kron, shares, strict=False):
@@ -217,7 +235,8 @@ class FactoredPlan:
             rest_params[i] = RestParam(r.name, r.module, r.type_name, r.path, r.attr, r.numel, at)
             at += r.numel
         return cls(dim, seed, kind, tuple(names), tuple(tuple(named[n].shape) for n in names),
-                   tuple(layers), tuple(rest_params), rest_dim, signs)
+                   tuple(layers), tuple(rest_params), rest_dim,
+                   "sqrt-numel" if weights is None else "weights", signs)
 
     def factors(self, layer: KronLayer, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_out (Ko, O), P_in (Ki, D)) of ``layer`` in ``dtype`` on ``device``, cached.
@@ -236,7 +255,7 @@ class FactoredPlan:
     def identity(self) -> dict:
         """What makes two factored projections equal; for the store fingerprint (JSON-ready)."""
         return {"engine": ENGINE, "kind": self.kind, "dim": self.dim, "seed": self.seed,
-                "rng": RNG_VERSION, "seed_rule": SEED_RULE,
+                "rng": RNG_VERSION, "seed_rule": SEED_RULE, "allocation": self.allocation,
                 "layers": [[lay.name, lay.k_out, lay.k_in, lay.k_block] for lay in self.layers],
                 "rest": {"dim": self.rest_dim, "tensors": len(self.rest),
                          "params": sum(r.numel for r in self.rest)}}
@@ -267,14 +286,20 @@ def _refuse_lora_variants(unet: nn.Module, chosen: set[str]) -> None:
                                  f"engine or plain LoRA")
 
 
-def allocate(sizes: list[int], dim: int) -> list[int]:
-    """Integers k_m in [1, sizes[m]] summing to ``dim``, k_m ~ sqrt(sizes[m]) where unbounded.
+def allocate(sizes: list[int], dim: int, weights: list[float] | None = None) -> list[int]:
+    """Integers k_m in [1, sizes[m]] summing to ``dim``, k_m ~ weights[m] (default sqrt(sizes[m]))
+    where unbounded.
 
-    Water-filling: x_m = clamp(c sqrt(s_m), 1, s_m) with c found by bisection so that
-    sum x_m = dim, then floors plus one unit for the largest fractional parts.
+    Water-filling: x_m = clamp(c w_m, 1, s_m) with c found by bisection so that sum x_m = dim,
+    then floors plus one unit for the largest fractional parts. Pure Python arithmetic: the same
+    inputs give the same dims on every machine.
     """
     assert len(sizes) <= dim <= sum(sizes) and min(sizes) >= 1
-    roots = [math.sqrt(s) for s in sizes]
+    if weights is None:
+        roots = [math.sqrt(s) for s in sizes]
+    else:
+        top = max(weights)
+        roots = [max(w, 1e-12 * top) for w in weights]
 
     def filled(c):
         return [min(max(c * r, 1.0), s) for r, s in zip(roots, sizes, strict=True)]
@@ -457,18 +482,25 @@ def _project_input(lay: KronLayer, p_in, module, x, out):
 
 
 def _kron_block(lay: KronLayer, p_out, a, delta, num_samples):
-    """(B, k_block): sum over items and positions of (P_out delta)(P_in a)^T, row-major."""
+    """(B, k_block): sum over items and positions of (P_out delta)(P_in a)^T, row-major.
+
+    One (Ko, S) x (S, Ki) product per row (and group), then a sum over each sample's rows: no
+    permuted copies of the activations.
+    """
+    rows = a.shape[0]
     if a.ndim == 3:  # Linear: a (N, S, Ki), delta (N, ..., O)
-        d = delta.reshape(a.shape[0], -1, lay.out_dim) @ p_out.T  # (N, S, Ko)
-        block = torch.einsum("bso,bsi->boi", d.reshape(num_samples, -1, lay.k_out),
-                             a.reshape(num_samples, -1, lay.k_in))
+        d = delta.reshape(rows, -1, lay.out_dim) @ p_out.T  # (N, S, Ko)
+        block = torch.bmm(d.transpose(1, 2), a)  # (N, Ko, Ki)
     else:  # Conv2d: a (N, G, Ki, S), delta (N, O, H', W')
         g = lay.groups
-        d = torch.einsum("kgc,ngcs->ngks", p_out.view(lay.k_out, g, -1),
-                         delta.reshape(a.shape[0], g, lay.out_dim // g, -1))
-        block = torch.einsum("bjgos,bjgis->boi", d.reshape(num_samples, -1, *d.shape[1:]),
-                             a.reshape(num_samples, -1, *a.shape[1:]))
-    return block.reshape(num_samples, -1)[:, :lay.k_block]
+        delta = delta.reshape(rows, g, lay.out_dim // g, -1)
+        if g == 1:
+            d = torch.matmul(p_out, delta[:, 0])  # (N, Ko, S)
+            block = torch.bmm(d, a[:, 0].transpose(1, 2))
+        else:
+            d = torch.einsum("kgc,ngcs->ngks", p_out.view(lay.k_out, g, -1), delta)
+            block = torch.einsum("ngks,ngis->nki", d, a)
+    return block.reshape(num_samples, -1, lay.k_out * lay.k_in).sum(1)[:, :lay.k_block]
 
 
 def _norm_grads(module, aux: list, delta, num_samples) -> dict[str, torch.Tensor]:
@@ -638,3 +670,32 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
     residual_B = (loss_sum_B / num_items).sqrt().to(dtype)
     rho_B = (rho_sum_B / num_items).to(dtype)
     return FactoredFeatures(feats_RBK, residual_B, rho_B)
+
+
+def energy_weights(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, ts_I: torch.Tensor,
+                   target_BI: torch.Tensor, readouts: tuple[str, ...] = ALL_READOUTS,
+                   cond_BLE: torch.Tensor | None = None, items_per_pass: int = 0) -> dict[str, float]:
+    """Allocation weights from a calibration batch: each module's share of the feature energy.
+
+    w_m = sum over readouts of mean_b ||block_m||^2 / mean_b ||feats||^2, estimated with ``plan``
+    (a JL block preserves squared norms in expectation); the rest modules split the rest block's
+    share in proportion to sqrt(numel). For a block-diagonal JL, k_m ~ ||g_m||^2 minimises the
+    variance of ||feats||^2 (Lagrange), which the sqrt(numel) rule ignores. Pass the result to
+    ``FactoredPlan.build(..., weights=...)``; store the numbers (not the batch) for other ranks.
+
+    Returns:
+        {module name: weight} for ``plan.module_names``, Python floats summing to len(readouts).
+    """
+    dtype = next(unet.parameters()).dtype
+    feats_RBK = factored_features(unet, plan, xt_BI, ts_I, target_BI, readouts, cond_BLE,
+                                  items_per_pass, dtype).feats_RBK.to(torch.float64)
+    energy_RK = feats_RBK.pow(2).mean(1)
+    share_RK = energy_RK / energy_RK.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    weights = {lay.name: share_RK[:, lay.offset:lay.offset + lay.k_block].sum().item() for lay in plan.layers}
+    rest_sizes = {}
+    for r in plan.rest:
+        rest_sizes[r.module] = rest_sizes.get(r.module, 0) + r.numel
+    rest_share = share_RK[:, plan.rest_offset:].sum().item()
+    roots = {m: math.sqrt(n) for m, n in rest_sizes.items()}
+    weights.update({m: rest_share * root / sum(roots.values()) for m, root in roots.items()})
+    return weights

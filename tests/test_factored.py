@@ -13,6 +13,7 @@ from das_pipeline.factored import (
     FactoredPlan,
     allocate,
     derived_seed,
+    energy_weights,
     factor_dims,
     factored_features,
     kron_projection_dense,
@@ -214,6 +215,32 @@ def test_plan_dimensions_identity_and_factors():
     numel_ratio = (big.out_dim * big.in_dim) / (small.out_dim * small.in_dim)
     ratio = (big.k_block / small.k_block) / numel_ratio ** 0.5
     assert 0.8 < ratio < 1.25, f"k_block ratio / sqrt(numel) ratio = {ratio:.2f}"
+
+
+def test_energy_weights_track_exact_gradient_energy_and_drive_the_allocation():
+    unet = tiny_unet(8, 1, (8, 16), attention=True, seed=2).double().eval()
+    plan = FactoredPlan.build(unet, None, 600, seed=0)
+    xt, ts, target = random_items(4, 3, (1, 8, 8))
+    weights = energy_weights(unet, plan, xt, ts, target, ("loss", "mean"))
+    assert list(weights) == plan.module_names and abs(sum(weights.values()) - 2) < 1e-9
+    grads_RBP, _, _ = loop_reference(unet, list(plan.param_names), xt, ts, target, readouts=("loss", "mean"))
+    sizes = [p.numel() for p in unet.parameters()]
+    start = dict(zip(plan.param_names, [sum(sizes[:i]) for i in range(len(sizes))], strict=True))
+    total_R = grads_RBP.pow(2).sum(2).mean(1)
+    exact = []
+    for lay in plan.layers:
+        idx = torch.cat([torch.arange(start[n], start[n] + sizes[list(plan.param_names).index(n)])
+                         for n in (lay.weight, lay.bias) if n])
+        exact.append((grads_RBP[:, :, idx].pow(2).sum(2).mean(1) / total_R).sum().item())
+    est = torch.tensor([weights[lay.name] for lay in plan.layers])
+    corr = torch.corrcoef(torch.stack([est, torch.tensor(exact, dtype=est.dtype)]))[0, 1].item()
+    assert corr > 0.9, f"estimated vs exact per-layer energy shares: correlation {corr:.3f}"
+    weighted = FactoredPlan.build(unet, None, 600, seed=0, weights=weights)
+    assert weighted.identity()["allocation"] == "weights" and plan.identity()["allocation"] == "sqrt-numel"
+    top = max(plan.layers, key=lambda lay: weights[lay.name])
+    assert next(lay for lay in weighted.layers if lay.name == top.name).k_block > top.k_block
+    with pytest.raises(ValueError, match="weight >= 0.*for every attributed module.*energy_weights"):
+        FactoredPlan.build(unet, None, 600, seed=0, weights={plan.module_names[0]: 1.0})
 
 
 def test_allocate_and_factor_dims_properties():
