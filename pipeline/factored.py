@@ -20,7 +20,8 @@ Rules (they define the features; ``FactoredPlan.identity`` records them):
 - Grouped convs (groups = g): G's row o holds the gradient of W[o] (C_in/g * kh * kw columns);
   one P_in serves every group and P_out mixes all C_out rows: still vec(P_out G P_in^T).
 - Dimensions: every attributed module m gets k_m proportional to sqrt(numel of its attributed
-  parameters), bounded to [1, numel], summing to ``dim`` exactly (water-filling, then largest
+  parameters) (or to given per-module ``weights``, e.g. ``energy_weights`` of a calibration
+  batch), bounded to [1, numel], summing to ``dim`` exactly (water-filling, then largest
   remainders). A Kronecker layer splits k_m into k_out x k_in with k_out / k_in ~ sqrt(out / in),
   1 <= k_out <= out, 1 <= k_in <= in (+1), k_out * k_in >= k_m (least waste within a factor
   sqrt(2) of the target ratio: ``factor_dims``), and keeps the first k_m entries of
@@ -36,13 +37,27 @@ Rules (they define the features; ``FactoredPlan.identity`` records them):
   samples of jacrev restricted to those parameters (a second, slower pass; see ``coverage``).
 - Feature layout: Kronecker layers in ``unet.named_modules()`` order, then the rest block.
 
+Hooked (Kronecker) modules: ``nn.Linear`` and ``nn.Conv2d`` (any groups, stride, padding,
+padding mode, dilation; subclasses only if they keep the stock forward), including peft's
+``lora_A`` / ``lora_B`` submodules. Assumptions, checked where cheap: every hooked module sees
+batch-first inputs whose rows are the pass's (sample, item) rows (else ValueError naming the
+layer); its output is not modified in place (ValueError); its weight is used only in its own
+forward (not checkable: true for diffusers' UNets and plain peft LoRA, which the twin tests
+cover; DoRA-like peft variants are refused). Parameters are temporarily set to
+requires_grad=False during a pass (restored afterwards): no weight gradient is needed.
+
+Memory: activations of B * items_per_pass rows (as training on that batch), the projected inputs
+(k_in channels per hooked layer), R x B x K features and R x B x p_rest rest gradients; nothing
+of size B x P.
+
 Slow twin: ``kron_projection_dense`` (the explicit (P, K) matrix); tests/test_factored.py checks
-features == per-sample gradients (``features.per_sample_gradients``) @ that matrix in float64.
+features == (per-sample gradients from a for-loop of backward()) @ that matrix in float64, and
+once against ``features.per_sample_gradients`` on ``noised_items`` end to end.
 
 Legend: B samples, I (timestep, draw) items, N = B x items of one pass (sample-major rows),
 R readouts, K total dim, P attributed parameters, O layer output channels / features,
-D augmented layer input (C_in/g * kh * kw [+ 1]), S positions, G conv groups,
-Ko / Ki factor dims, L caption tokens, E text embedding width.
+A augmented layer input (C_in/g * kh * kw [+ 1]), S positions, G conv groups,
+Ko / Ki factor dims, L caption tokens, D text embedding width.
 """
 
 from __future__ import annotations
@@ -82,7 +97,7 @@ class KronLayer:
     weight: str | None  # attributed weight's parameter name (None: bias only)
     bias: str | None
     out_dim: int  # O
-    in_dim: int  # D, augmented (+1 when the bias is attributed)
+    in_dim: int  # A, augmented (+1 when the bias is attributed)
     groups: int
     k_out: int
     k_in: int
@@ -239,7 +254,7 @@ class FactoredPlan:
                    "sqrt-numel" if weights is None else "weights", signs)
 
     def factors(self, layer: KronLayer, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_out (Ko, O), P_in (Ki, D)) of ``layer`` in ``dtype`` on ``device``, cached.
+        """(P_out (Ko, O), P_in (Ki, A)) of ``layer`` in ``dtype`` on ``device``, cached.
 
         P_out carries the truncation factor sqrt(k_out k_in / k_block).
         """
@@ -349,16 +364,16 @@ def kron_projection_dense(plan: FactoredPlan, dtype=torch.float64) -> torch.Tens
     out_PK = torch.zeros(sum(sizes), plan.dim, dtype=dtype)
     for lay in plan.layers:
         p_out, p_in = plan.factors(lay, "cpu", dtype)
-        block_AK = torch.kron(p_out, p_in)[:lay.k_block].T  # rows: o * D + j (row-major G)
+        kron_MK = torch.kron(p_out, p_in)[:lay.k_block].T  # M = O * A rows: o * A + j (row-major G)
         num_w = lay.in_dim - (lay.bias is not None)
         aug = torch.arange(lay.out_dim * lay.in_dim).view(lay.out_dim, lay.in_dim)
         cols = slice(lay.offset, lay.offset + lay.k_block)
         if lay.weight is not None:
             rows = starts[lay.weight] + torch.arange(lay.out_dim * num_w)
-            out_PK[rows, cols] = block_AK[aug[:, :num_w].reshape(-1)]
+            out_PK[rows, cols] = kron_MK[aug[:, :num_w].reshape(-1)]
         if lay.bias is not None:
             rows = starts[lay.bias] + torch.arange(lay.out_dim)
-            out_PK[rows, cols] = block_AK[aug[:, num_w]]
+            out_PK[rows, cols] = kron_MK[aug[:, num_w]]
     if plan.rest_dim:
         dense = matrix_block(plan.kind, 0, sum(r.numel for r in plan.rest), plan.rest_dim,
                              plan.rest_seed).to(dtype) / math.sqrt(plan.rest_dim)
@@ -546,7 +561,7 @@ def _generic_grads(unet, plan, index, xt, t, target, cond):
 
 def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, ts_I: torch.Tensor,
                       target_BI: torch.Tensor, readouts: tuple[str, ...] = ALL_READOUTS,
-                      cond_BLE: torch.Tensor | None = None, items_per_pass: int = 0,
+                      cond_BLD: torch.Tensor | None = None, items_per_pass: int = 0,
                       dtype: torch.dtype = torch.float32, normalize: bool = False) -> FactoredFeatures:
     """Factored projected features of B samples: the replacement of ``per_sample_gradients`` +
     ``project`` (same readouts, residuals and 1/I average; another, Kronecker-structured, JL).
@@ -558,7 +573,7 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
         ts_I: (I,) int64 timesteps of the items.
         target_BI: (B, I, C, H, W) readout target (eps or v).
         readouts: names from ``features.ALL_READOUTS``, in the order of the output.
-        cond_BLE: (B, L, E) per-sample text embeddings for text-conditioned UNets, else None.
+        cond_BLD: (B, L, D) per-sample text embeddings for text-conditioned UNets, else None.
         items_per_pass: items per forward/backward pass (0 = all I); bounds activation memory to
             about that of a training step on B * items_per_pass images.
         dtype: torch.float32 or torch.float64 (features and all arithmetic).
@@ -593,15 +608,15 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
     if xt_BI.shape != target_BI.shape or xt_BI.ndim < 3 or ts_I.shape != (xt_BI.shape[1],):
         raise ValueError(f"shapes xt_BI {tuple(xt_BI.shape)}, target_BI {tuple(target_BI.shape)}, ts_I "
                          f"{tuple(ts_I.shape)}: need (B, I, ...), the same, and (I,)")
-    if cond_BLE is not None and (cond_BLE.ndim != 3 or len(cond_BLE) != len(xt_BI)):
-        raise ValueError(f"cond_BLE has shape {tuple(cond_BLE.shape)}: need (B, L, E) with B = {len(xt_BI)}")
+    if cond_BLD is not None and (cond_BLD.ndim != 3 or len(cond_BLD) != len(xt_BI)):
+        raise ValueError(f"cond_BLD has shape {tuple(cond_BLD.shape)}: need (B, L, D) with B = {len(xt_BI)}")
     device = next(unet.parameters()).device
     B, num_items = xt_BI.shape[:2]
     index = torch.tensor([ALL_READOUTS.index(r) for r in readouts], device=device)
     R = len(readouts)
     xt_BI, target_BI = xt_BI.to(device, dtype), target_BI.to(device, dtype)
     ts_I = ts_I.to(device)
-    cond_BLE = None if cond_BLE is None else cond_BLE.to(device, dtype)
+    cond_BLD = None if cond_BLD is None else cond_BLD.to(device, dtype)
     feats_RBK = torch.zeros(R, B, plan.dim, dtype=dtype, device=device)
     rest_RBP = torch.zeros(R, B, sum(r.numel for r in plan.rest), dtype=dtype, device=device)
     loss_sum_B = torch.zeros(B, dtype=torch.float64, device=device)
@@ -619,15 +634,15 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
             n_items, rows = hi - lo, B * (hi - lo)
             if any(r.path == "generic" for r in plan.rest):
                 generic, grads_RBQ = _generic_grads(unet, plan, index, xt_BI[:, lo:hi], ts_I[lo:hi],
-                                                    target_BI[:, lo:hi], cond_BLE)
+                                                    target_BI[:, lo:hi], cond_BLD)
                 at = 0
                 for r in generic:
                     rest_RBP[:, :, r.offset:r.offset + r.numel] += grads_RBQ[:, :, at:at + r.numel]
                     at += r.numel
             xt = xt_BI[:, lo:hi].reshape(rows, *xt_BI.shape[2:])
             target = target_BI[:, lo:hi].reshape(rows, *xt_BI.shape[2:])
-            kwargs = {} if cond_BLE is None else {"encoder_hidden_states":
-                                                  cond_BLE.repeat_interleave(n_items, dim=0)}
+            kwargs = {} if cond_BLD is None else {"encoder_hidden_states":
+                                                  cond_BLD.repeat_interleave(n_items, dim=0)}
             recorder = _Recorder(unet, plan, rows, device, dtype)
             try:
                 with torch.enable_grad():
@@ -674,7 +689,7 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
 
 def energy_weights(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, ts_I: torch.Tensor,
                    target_BI: torch.Tensor, readouts: tuple[str, ...] = ALL_READOUTS,
-                   cond_BLE: torch.Tensor | None = None, items_per_pass: int = 0) -> dict[str, float]:
+                   cond_BLD: torch.Tensor | None = None, items_per_pass: int = 0) -> dict[str, float]:
     """Allocation weights from a calibration batch: each module's share of the feature energy.
 
     w_m = sum over readouts of mean_b ||block_m||^2 / mean_b ||feats||^2, estimated with ``plan``
@@ -687,7 +702,7 @@ def energy_weights(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, ts_
         {module name: weight} for ``plan.module_names``, Python floats summing to len(readouts).
     """
     dtype = next(unet.parameters()).dtype
-    feats_RBK = factored_features(unet, plan, xt_BI, ts_I, target_BI, readouts, cond_BLE,
+    feats_RBK = factored_features(unet, plan, xt_BI, ts_I, target_BI, readouts, cond_BLD,
                                   items_per_pass, dtype).feats_RBK.to(torch.float64)
     energy_RK = feats_RBK.pow(2).mean(1)
     share_RK = energy_RK / energy_RK.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)

@@ -27,7 +27,7 @@ from tiny_sd import tiny_cond_unet
 GEN = torch.Generator().manual_seed(0)
 
 
-def loop_reference(unet, names, xt_BI, ts_I, target_BI, cond_BLE=None, readouts=ALL_READOUTS):
+def loop_reference(unet, names, xt_BI, ts_I, target_BI, cond_BLD=None, readouts=ALL_READOUTS):
     """(R, B, P) per-sample gradients g_R = 1/I sum_items grad R by a for-loop of backward(),
     plus residual r and rho (B,), in float64."""
     params = dict(unet.named_parameters())
@@ -37,7 +37,7 @@ def loop_reference(unet, names, xt_BI, ts_I, target_BI, cond_BLE=None, readouts=
     loss, rho = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
     for b in range(B):
         for i in range(num_items):
-            kwargs = {} if cond_BLE is None else {"encoder_hidden_states": cond_BLE[b:b + 1]}
+            kwargs = {} if cond_BLD is None else {"encoder_hidden_states": cond_BLD[b:b + 1]}
             pred = unet(xt_BI[b, i:i + 1], ts_I[i:i + 1], **kwargs).sample
             diff = pred - target_BI[b, i:i + 1]
             values = {"loss": diff.pow(2).mean(), "square": pred.pow(2).mean(), "mean": pred.mean()}
@@ -133,6 +133,17 @@ def test_features_equal_kronecker_projection_of_per_sample_gradients(case):
     print(f"{label}: coverage {cov}, rest dim {plan.rest_dim}, relative error {rel:.1e}")
 
 
+def test_gaussian_factors_equal_their_dense_twin():
+    toy = Toy().double().eval()
+    plan = FactoredPlan.build(toy, None, 40, seed=2, kind="gaussian")
+    xt, ts, target = random_items(2, 2, (2, 8, 8))
+    out = factored_features(toy, plan, xt, ts, target, ("square",), dtype=torch.float64)
+    grads_RBP, _, _ = loop_reference(toy, list(plan.param_names), xt, ts, target, readouts=("square",))
+    want_RBK = grads_RBP @ kron_projection_dense(plan)
+    rel = ((out.feats_RBK - want_RBK).norm() / want_RBK.norm()).item()
+    assert rel < 1e-10, f"gaussian factors: relative error {rel:.2e} (float64, tolerance 1e-10)"
+
+
 def test_expected_coverage_of_diffusers_layer_types():
     cov = {label: FactoredPlan.build(unet, names, dim, 0).coverage()
            for label, unet, names, _, _, dim in models()}
@@ -173,10 +184,10 @@ def test_features_do_not_depend_on_batch_or_item_chunking(dtype, rtol):
     plan = FactoredPlan.build(unet, None, 512, seed=3)
     xt, ts, target = random_items(4, 5, (4, 8, 8))
     cond = torch.randn(4, 5, 16, generator=GEN, dtype=torch.float64)
-    whole = factored_features(unet, plan, xt, ts, target, cond_BLE=cond, dtype=dtype)
+    whole = factored_features(unet, plan, xt, ts, target, cond_BLD=cond, dtype=dtype)
     scale = whole.feats_RBK.abs().max()
     for items_per_pass in (2, 5):
-        parts = [factored_features(unet, plan, xt[i:i + 2], ts, target[i:i + 2], cond_BLE=cond[i:i + 2],
+        parts = [factored_features(unet, plan, xt[i:i + 2], ts, target[i:i + 2], cond_BLD=cond[i:i + 2],
                                    items_per_pass=items_per_pass, dtype=dtype) for i in (0, 2)]
         feats = torch.cat([p.feats_RBK for p in parts], 1)
         err = ((feats - whole.feats_RBK).abs().max() / scale).item()
@@ -184,7 +195,7 @@ def test_features_do_not_depend_on_batch_or_item_chunking(dtype, rtol):
                            f"relative to the largest feature (tolerance {rtol:.0e}, {dtype})"
         assert torch.allclose(torch.cat([p.residual_B for p in parts]), whole.residual_B, rtol=rtol)
     again = factored_features(unet, FactoredPlan.build(unet, None, 512, seed=3), xt, ts, target,
-                              cond_BLE=cond, dtype=dtype)
+                              cond_BLD=cond, dtype=dtype)
     assert torch.equal(again.feats_RBK, whole.feats_RBK), "a rebuilt plan gives other features"
 
 
