@@ -420,8 +420,9 @@ def _readouts_3N(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
 class _Recorder:
     """Forward hooks: project Kronecker-layer inputs with P_in, keep norm inputs, keep outputs."""
 
-    def __init__(self, unet: nn.Module, plan: FactoredPlan, rows: int, device, dtype):
-        self.rows, self.calls = rows, []
+    def __init__(self, unet: nn.Module, plan: FactoredPlan, rows: int, device, dtype,
+                 keep_inputs: bool = False):
+        self.rows, self.calls, self.keep_inputs = rows, [], keep_inputs
         modules = dict(unet.named_modules())
         self.handles = []
         for lay in plan.layers:
@@ -454,7 +455,8 @@ class _Recorder:
 
     def _kron(self, lay: KronLayer, p_in, module, x, out):
         self._check_rows(lay.name, module, x)
-        return self._record("kron", lay, _project_input(lay, p_in, module, x, out), out)
+        a = _project_input(lay, p_in, module, x, out)
+        return self._record("kron", lay, (a, module, x if self.keep_inputs else None), out)
 
     def _keep(self, name, module, x, out):
         self._check_rows(name, module, x)
@@ -518,6 +520,47 @@ def _kron_block(lay: KronLayer, p_out, a, delta, num_samples):
     return block.reshape(num_samples, -1, lay.k_out * lay.k_in).sum(1)[:, :lay.k_block]
 
 
+def _kron_sqnorm(lay: KronLayer, module, x, delta, max_numel: int = 2**24) -> torch.Tensor:
+    """(N,) exact ||G_n||_F^2 of each row's (augmented) gradient block, never all rows' G at once.
+
+    Linear: the Gram identity sum_{s,s'} (delta_s . delta_s')(a_s . a_s') when S^2 (O + A) is the
+    cheaper count, else G per row; Conv2d: unfolded patches times delta per row. Rows are taken
+    in chunks so that no transient exceeds about ``max_numel`` elements.
+    """
+    rows = delta.shape[0]
+    out_N = torch.zeros(rows, dtype=delta.dtype, device=delta.device)
+    linear = isinstance(module, nn.Linear)
+    if lay.bias is not None:
+        bias_grad = delta.reshape(rows, -1, lay.out_dim).sum(1) if linear else delta.flatten(2).sum(2)
+        out_N += bias_grad.pow(2).sum(1)
+    if lay.weight is None:
+        return out_N
+    num_w = lay.in_dim - (lay.bias is not None)
+    if linear:
+        x_NSA, d_NSO = x.reshape(rows, -1, num_w), delta.reshape(rows, -1, lay.out_dim)
+        S = x_NSA.shape[1]
+        gram = S * S * (lay.out_dim + num_w) < S * lay.out_dim * num_w
+        step = max(1, max_numel // (S * S if gram else lay.out_dim * num_w))
+        for lo in range(0, rows, step):
+            x_c, d_c = x_NSA[lo:lo + step], d_NSO[lo:lo + step]
+            if gram:
+                out_N[lo:lo + step] += ((d_c @ d_c.transpose(1, 2)) * (x_c @ x_c.transpose(1, 2))).sum((1, 2))
+            else:
+                out_N[lo:lo + step] += (d_c.transpose(1, 2) @ x_c).pow(2).sum((1, 2))
+        return out_N
+    g = lay.groups
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    positions = delta[0, 0].numel()
+    step = max(1, max_numel // (num_w * g * positions))
+    for lo in range(0, rows, step):
+        x_c = F.pad(x[lo:lo + step], module._reversed_padding_repeated_twice, mode=mode)
+        patches = F.unfold(x_c, module.kernel_size, module.dilation, 0, module.stride)
+        patches = patches.view(len(x_c), g, num_w, positions)  # (n, G, A - bias, S)
+        d_c = delta[lo:lo + step].reshape(len(x_c), g, lay.out_dim // g, positions)
+        out_N[lo:lo + step] += (d_c @ patches.transpose(2, 3)).pow(2).sum((1, 2, 3))
+    return out_N
+
+
 def _norm_grads(module, aux: list, delta, num_samples) -> dict[str, torch.Tensor]:
     """Per-sample {"weight": (B, C...), "bias": ...} of a GroupNorm / LayerNorm call.
 
@@ -577,7 +620,10 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
         items_per_pass: items per forward/backward pass (0 = all I); bounds activation memory to
             about that of a training step on B * items_per_pass images.
         dtype: torch.float32 or torch.float64 (features and all arithmetic).
-        normalize: per-item gradient normalisation; not supported (raises).
+        normalize: divide each item's gradient by its exact norm before the average (as
+            ``FeatureSpec.normalize``): ||G||^2 per item and layer from the layer's raw input and
+            delta (Gram identity or one layer's G per row at a time, in row chunks), never all
+            of them at once; costs about one weight-gradient computation per readout more.
     Returns:
         FactoredFeatures(feats_RBK (R, B, plan.dim), residual_B (B,), rho_B (B,)) in ``dtype`` on
         the unet's device. Features do not depend on B or on ``items_per_pass`` (to rounding).
@@ -585,9 +631,6 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
         ValueError (before any work) for unsupported settings or mismatched inputs, and during
         the first pass for layers that break the engine's assumptions (naming the layer).
     """
-    if normalize:
-        raise ValueError("[features] normalize = true is not supported by the factored engine (it "
-                         "needs each item's exact gradient norm); use normalize = false or the dense engine")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype={dtype}: the factored engine computes in torch.float32 or torch.float64")
     bad = [r for r in readouts if r not in ALL_READOUTS]
@@ -625,6 +668,11 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
     for r in plan.rest:
         if r.path == "norm":
             norm_rest.setdefault(r.module, []).append(r)
+    if normalize and any(r.path == "generic" for r in plan.rest):
+        generic = next(r.name for r in plan.rest if r.path == "generic")
+        raise ValueError(f"normalize = true with generic-path parameters ({generic!r}) is not supported "
+                         f"by the factored engine; use normalize = false, leave them out of param_names, "
+                         f"or use the dense engine")
     chunk = items_per_pass or num_items
     flags = {n: p.requires_grad for n, p in named.items()}
     try:
@@ -632,6 +680,12 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
         for lo in range(0, num_items, chunk):
             hi = min(num_items, lo + chunk)
             n_items, rows = hi - lo, B * (hi - lo)
+            # accumulate per sample, or per (sample, item) row when each item is normalised
+            groups = rows if normalize else B
+            feats_RXK = torch.zeros(R, rows, plan.dim, dtype=dtype, device=device) if normalize else feats_RBK
+            rest_RXP = torch.zeros(R, rows, rest_RBP.shape[2], dtype=dtype, device=device) \
+                if normalize else rest_RBP
+            sqnorm_RN = torch.zeros(R, rows, dtype=dtype, device=device)
             if any(r.path == "generic" for r in plan.rest):
                 generic, grads_RBQ = _generic_grads(unet, plan, index, xt_BI[:, lo:hi], ts_I[lo:hi],
                                                     target_BI[:, lo:hi], cond_BLD)
@@ -643,7 +697,7 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
             target = target_BI[:, lo:hi].reshape(rows, *xt_BI.shape[2:])
             kwargs = {} if cond_BLD is None else {"encoder_hidden_states":
                                                   cond_BLD.repeat_interleave(n_items, dim=0)}
-            recorder = _Recorder(unet, plan, rows, device, dtype)
+            recorder = _Recorder(unet, plan, rows, device, dtype, keep_inputs=normalize)
             try:
                 with torch.enable_grad():
                     pred = unet(xt, ts_I[lo:hi].repeat(B), **kwargs).sample
@@ -655,6 +709,11 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
                 warnings.warn(f"attributed layers never called in the forward pass get zero features "
                               f"(as their gradient, unless their weights are used outside their "
                               f"forward): {silent[:5]}", RuntimeWarning, stacklevel=2)
+            repeated = [lay.name for lay in plan.layers if recorder.called[lay.name] > 1]
+            if normalize and repeated:
+                raise ValueError(f"normalize = true: layer {repeated[0]!r} is called more than once per "
+                                 f"forward pass, so its per-item gradient norm is not a sum of calls; use "
+                                 f"normalize = false or the dense engine")
             values_3N, diff_N = _readouts_3N(pred, target)
             loss_sum_B += values_3N[0].detach().view(B, n_items).to(torch.float64).sum(1)
             rho_sum_B += diff_N.detach().view(B, n_items).to(torch.float64).sum(1)
@@ -667,18 +726,30 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
                         continue
                     if path == "kron":
                         p_out, _ = plan.factors(what, device, dtype)
-                        feats_RBK[ri, :, what.offset:what.offset + what.k_block] += _kron_block(
-                            what, p_out, aux, delta, B)
+                        a, module, x = aux
+                        feats_RXK[ri, :, what.offset:what.offset + what.k_block] += _kron_block(
+                            what, p_out, a, delta, groups)
+                        if normalize:
+                            sqnorm_RN[ri] += _kron_sqnorm(what, module, x, delta)
                     else:
-                        for attr, g_BC in _norm_grads(aux[0], aux[1], delta, B).items():
+                        for attr, g_XC in _norm_grads(aux[0], aux[1], delta, groups).items():
                             for r in norm_rest[what]:
                                 if r.attr == attr:
-                                    rest_RBP[ri, :, r.offset:r.offset + r.numel] += g_BC
+                                    rest_RXP[ri, :, r.offset:r.offset + r.numel] += g_XC
             del outputs, recorder, pred, values_3N
+            if normalize:
+                sqnorm_RN += rest_RXP.pow(2).sum(2)
+                if plan.rest_dim:
+                    feats_RXK[:, :, plan.rest_offset:] = project(
+                        rest_RXP.view(R * rows, -1), plan.rest_dim, plan.rest_seed, plan.kind
+                    ).view(R, rows, -1).to(dtype)
+                norm_RN = sqnorm_RN.sqrt()
+                weight_RN = torch.where(norm_RN > 0, 1.0 / norm_RN, torch.zeros_like(norm_RN))
+                feats_RBK += (feats_RXK * weight_RN[..., None]).view(R, B, n_items, -1).sum(2)
     finally:
         for n, p in named.items():
             p.requires_grad_(flags[n])
-    if plan.rest_dim:
+    if plan.rest_dim and not normalize:
         feats_RBK[:, :, plan.rest_offset:] = project(
             rest_RBP.view(R * B, -1), plan.rest_dim, plan.rest_seed, plan.kind).view(R, B, -1).to(dtype)
     feats_RBK /= num_items

@@ -27,9 +27,10 @@ from tiny_sd import tiny_cond_unet
 GEN = torch.Generator().manual_seed(0)
 
 
-def loop_reference(unet, names, xt_BI, ts_I, target_BI, cond_BLD=None, readouts=ALL_READOUTS):
-    """(R, B, P) per-sample gradients g_R = 1/I sum_items grad R by a for-loop of backward(),
-    plus residual r and rho (B,), in float64."""
+def loop_reference(unet, names, xt_BI, ts_I, target_BI, cond_BLD=None, readouts=ALL_READOUTS,
+                   normalize=False):
+    """(R, B, P) per-sample gradients g_R = 1/I sum_items grad R (each item's divided by its norm
+    when ``normalize``) by a for-loop of backward(), plus residual r and rho (B,), in float64."""
     params = dict(unet.named_parameters())
     chosen = [params[n] for n in names]
     B, num_items = xt_BI.shape[:2]
@@ -43,8 +44,9 @@ def loop_reference(unet, names, xt_BI, ts_I, target_BI, cond_BLD=None, readouts=
             values = {"loss": diff.pow(2).mean(), "square": pred.pow(2).mean(), "mean": pred.mean()}
             for r, name in enumerate(readouts):
                 g = torch.autograd.grad(values[name], chosen, retain_graph=True, allow_unused=True)
-                grads[r, b] += torch.cat([torch.zeros(p.numel(), dtype=torch.float64) if gi is None
-                                          else gi.flatten() for gi, p in zip(g, chosen, strict=True)])
+                flat = torch.cat([torch.zeros(p.numel(), dtype=torch.float64) if gi is None
+                                  else gi.flatten() for gi, p in zip(g, chosen, strict=True)])
+                grads[r, b] += flat / flat.norm() if normalize else flat
             loss[b] += values["loss"].item()
             rho[b] += diff.mean().item()
     return grads / num_items, (loss / num_items).sqrt(), rho / num_items
@@ -75,8 +77,9 @@ class Toy(nn.Module):
     reflect-padded convs, a Linear on (N, L, D) tokens called twice, LayerNorm, a bias-only
     layer, and a Fourier-style parameter used functionally (generic path)."""
 
-    def __init__(self):
+    def __init__(self, twice: bool = True):
         super().__init__()
+        self.twice = twice
         self.conv_a = nn.Conv2d(2, 6, 3, padding=1, padding_mode="reflect")
         self.conv_g = nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, groups=2)
         self.norm = nn.LayerNorm(4)
@@ -88,7 +91,7 @@ class Toy(nn.Module):
         h = torch.tanh(self.conv_g(torch.tanh(self.conv_a(x))))  # (N, 4, 4, 4)
         tokens = self.norm(h.flatten(2).transpose(1, 2))  # (N, 16, 4)
         tokens = tokens + torch.sin(t.to(x.dtype)[:, None, None] * self.freq)
-        tokens = self.tok(torch.tanh(self.tok(tokens)))
+        tokens = self.tok(torch.tanh(self.tok(tokens))) if self.twice else self.tok(tokens)
         h = tokens.transpose(1, 2).reshape_as(h)
         return SimpleNamespace(sample=nn.functional.interpolate(self.head(h), size=x.shape[-2:]))
 
@@ -144,6 +147,43 @@ def test_gaussian_factors_equal_their_dense_twin():
     assert rel < 1e-10, f"gaussian factors: relative error {rel:.2e} (float64, tolerance 1e-10)"
 
 
+def test_normalized_features_on_awkward_layers():
+    """Per-item norms through grouped / strided / dilated / reflect-padded convs, LayerNorm,
+    tokens and a bias-only layer, against the for-loop of backward()."""
+    toy = Toy(twice=False).double().eval()
+    names = [n for n, _ in toy.named_parameters() if n not in ("freq", "head.weight")]
+    plan = FactoredPlan.build(toy, names, 40, seed=2)
+    xt, ts, target = random_items(2, 3, (2, 8, 8))
+    out = factored_features(toy, plan, xt, ts, target, dtype=torch.float64, normalize=True)
+    grads_RBP, _, _ = loop_reference(toy, names, xt, ts, target, normalize=True)
+    want_RBK = grads_RBP @ kron_projection_dense(plan)
+    rel = ((out.feats_RBK - want_RBK).norm() / want_RBK.norm()).item()
+    assert rel < 1e-10, f"normalised toy: relative error {rel:.2e} (float64, tolerance 1e-10)"
+
+
+@pytest.mark.parametrize("max_numel", [7, 2**24])
+def test_exact_row_norms_of_linear_and_conv_blocks(max_numel):
+    """||G_n||^2 from (input, delta) equals the norm of the explicit per-row gradient, for the
+    Gram and the per-row-G paths of Linear and for convs, in row chunks or not."""
+    from das_pipeline.factored import KronLayer, _kron_sqnorm
+
+    layers = [(nn.Linear(5, 3), (4, 5)), (nn.Linear(40, 30), (4, 3, 40)), (nn.Linear(3, 2), (4, 10, 3)),
+              (nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2), (4, 4, 7, 7)),
+              (nn.Conv2d(2, 3, 3, padding=2, dilation=2, padding_mode="reflect"), (4, 2, 6, 6))]
+    for module, shape in layers:
+        module = module.double()
+        x = torch.randn(shape, generator=GEN, dtype=torch.float64)
+        out = module(x)
+        delta = torch.randn(out.shape, generator=GEN, dtype=torch.float64)
+        want = torch.stack([sum(g.pow(2).sum() for g in torch.autograd.grad(
+            module(x[n:n + 1]), [module.weight, module.bias], delta[n:n + 1])) for n in range(len(x))])
+        groups = getattr(module, "groups", 1)
+        lay = KronLayer("m", type(module).__name__, "m.weight", "m.bias", module.weight.shape[0],
+                        module.weight[0].numel() + 1, groups, 1, 1, 1, 0)
+        got = _kron_sqnorm(lay, module, x, delta, max_numel=max_numel)
+        assert torch.allclose(got, want, rtol=1e-12), (type(module).__name__, shape, got, want)
+
+
 def test_expected_coverage_of_diffusers_layer_types():
     cov = {label: FactoredPlan.build(unet, names, dim, 0).coverage()
            for label, unet, names, _, _, dim in models()}
@@ -176,6 +216,28 @@ def test_end_to_end_equals_per_sample_gradients_then_kronecker_matrix():
     assert rel < 1e-10, f"relative error {rel:.2e} (float64, tolerance 1e-10)"
     assert torch.allclose(out.residual_B, ref.residual_B, rtol=1e-12)
     assert torch.allclose(out.rho_B, ref.rho_B, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["UNet2DModel+attention", "UNet2DConditionModel"])
+def test_normalized_features_equal_the_dense_engine_normalized(conditional):
+    """normalize=True: per-item exact norms (Gram identity / per-row G / unfolded patches) equal
+    features.per_sample_gradients(normalize=True) @ the explicit Kronecker matrix (float64)."""
+    if conditional:
+        unet, shape = tiny_cond_unet(seed=7).double().eval(), (4, 8, 8)
+        cond = torch.randn(2, 5, 16, generator=GEN, dtype=torch.float64)
+    else:
+        unet, shape, cond = tiny_unet(8, 1, (8, 16), attention=True, seed=7).double().eval(), (1, 8, 8), None
+    scheduler = ddpm_scheduler(100)
+    x = torch.rand(2, *shape, generator=GEN) * 2 - 1
+    spec = FeatureSpec(ALL_READOUTS, timesteps=3, noise_draws=1, seed=1, normalize=True, dtype=torch.float64)
+    plan = FactoredPlan.build(unet, None, 256, seed=5)
+    xt, ts, target = noised_items(scheduler, x, ["a", "b"], spec)
+    out = factored_features(unet, plan, xt, ts, target, cond_BLD=cond, items_per_pass=2,
+                            dtype=torch.float64, normalize=True)
+    ref = per_sample_gradients(unet, scheduler, x, ["a", "b"], spec, cond_BLD=cond)
+    want = ref.grads_RBP @ kron_projection_dense(plan)
+    rel = ((out.feats_RBK - want).norm() / want.norm()).item()
+    assert rel < 1e-10, f"normalised: relative error {rel:.2e} (float64, tolerance 1e-10)"
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
@@ -319,8 +381,14 @@ def test_errors_name_the_setting_or_layer_and_the_fix():
         FactoredPlan.build(unet, ["nope"], 64, 0)
     plan = FactoredPlan.build(unet, names, 128, 0)
     xt, ts, target = random_items(2, 2, (1, 8, 8))
-    with pytest.raises(ValueError, match="normalize = true.*normalize = false"):
-        factored_features(unet, plan, xt, ts, target, normalize=True)
+    toy = Toy().eval()
+    with pytest.raises(ValueError, match="normalize = true with generic-path parameters \\('freq'\\)"):
+        factored_features(toy, FactoredPlan.build(toy, None, 40, 0), xt[:, :, :1].expand(2, 2, 2, 8, 8),
+                          ts, target[:, :, :1].expand(2, 2, 2, 8, 8), normalize=True)
+    toy_plan = FactoredPlan.build(toy, [n for n, _ in toy.named_parameters() if n != "freq"], 40, 0)
+    with pytest.raises(ValueError, match="layer 'tok' is called more than once.*normalize = false"):
+        factored_features(toy, toy_plan, xt[:, :, :1].expand(2, 2, 2, 8, 8), ts,
+                          target[:, :, :1].expand(2, 2, 2, 8, 8), normalize=True)
     with pytest.raises(ValueError, match=r"unet.to\(torch.float64\)"):
         factored_features(unet, plan, xt, ts, target, dtype=torch.float64)
     with pytest.raises(ValueError, match="readouts"):
