@@ -222,7 +222,7 @@ class FactoredPlan:
         shares = allocate(sizes, dim, None if weights is None else [float(weights[m]) for m in modules])
 
         layers, signs, offset = [], {}, 0
-        for (mod_name, mod, attrs), k_m in zip(kron, shares, strict=False):
+        for (mod_name, mod, attrs), k_m in zip(kron, shares[:len(kron)], strict=True):
             w = mod.weight
             # a bias alone does not see the input: no groups then
             groups = mod.groups if isinstance(mod, nn.Conv2d) and "weight" in attrs else 1
@@ -235,20 +235,17 @@ class FactoredPlan:
                 matrix_block(kind, 0, d, k, derived_seed(seed, mod_name, side)).T.contiguous()
                 for d, k, side in ((out_dim, k_out, "out"), (in_dim, k_in, "in")))
             offset += k_m
-        rest_params, rest_offset = [], 0
-        for mod_name, mod, attrs, path in rest:
-            for attr, full in attrs.items():
-                rest_params.append(RestParam(full, mod_name, type(mod).__name__, path, attr,
-                                             named[full].numel(), rest_offset))
-                rest_offset += named[full].numel()
+        # the rest vector follows the attributed-parameter order
+        order = {n: i for i, n in enumerate(names)}
+        entries = sorted(((full, mod_name, type(mod).__name__, path, attr)
+                          for mod_name, mod, attrs, path in rest for attr, full in attrs.items()),
+                         key=lambda e: order[e[0]])
+        rest_params, at = [], 0
+        for full, *info in entries:
+            rest_params.append(RestParam(full, *info, named[full].numel(), at))
+            at += named[full].numel()
         rest_dim = sum(shares[len(kron):])
         assert offset + rest_dim == dim
-        order = {n: i for i, n in enumerate(names)}
-        rest_params.sort(key=lambda r: order[r.name])  # rest vector in attributed-parameter order
-        at = 0
-        for i, r in enumerate(rest_params):
-            rest_params[i] = RestParam(r.name, r.module, r.type_name, r.path, r.attr, r.numel, at)
-            at += r.numel
         return cls(dim, seed, kind, tuple(names), tuple(tuple(named[n].shape) for n in names),
                    tuple(layers), tuple(rest_params), rest_dim,
                    "sqrt-numel" if weights is None else "weights", signs)
@@ -653,6 +650,11 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
                          f"{tuple(ts_I.shape)}: need (B, I, ...), the same, and (I,)")
     if cond_BLD is not None and (cond_BLD.ndim != 3 or len(cond_BLD) != len(xt_BI)):
         raise ValueError(f"cond_BLD has shape {tuple(cond_BLD.shape)}: need (B, L, D) with B = {len(xt_BI)}")
+    if normalize and any(r.path == "generic" for r in plan.rest):
+        generic = next(r.name for r in plan.rest if r.path == "generic")
+        raise ValueError(f"normalize = true with generic-path parameters ({generic!r}) is not supported "
+                         f"by the factored engine; use normalize = false, leave them out of param_names, "
+                         f"or use the dense engine")
     device = next(unet.parameters()).device
     B, num_items = xt_BI.shape[:2]
     index = torch.tensor([ALL_READOUTS.index(r) for r in readouts], device=device)
@@ -668,11 +670,6 @@ def factored_features(unet: nn.Module, plan: FactoredPlan, xt_BI: torch.Tensor, 
     for r in plan.rest:
         if r.path == "norm":
             norm_rest.setdefault(r.module, []).append(r)
-    if normalize and any(r.path == "generic" for r in plan.rest):
-        generic = next(r.name for r in plan.rest if r.path == "generic")
-        raise ValueError(f"normalize = true with generic-path parameters ({generic!r}) is not supported "
-                         f"by the factored engine; use normalize = false, leave them out of param_names, "
-                         f"or use the dense engine")
     chunk = items_per_pass or num_items
     flags = {n: p.requires_grad for n, p in named.items()}
     try:
