@@ -56,7 +56,7 @@ def noised_inputs(x_BCHW: torch.Tensor, uids: list[str], scheduler, spec: Featur
     noise (content keys, ``features.noised_items``): the very items das-pipeline's features use.
     ``uids`` only fixes the batch size (the noise is keyed by the pixels)."""
     assert len(uids) == len(x_BCHW)
-    xt_BI, eps_BI, ts_I = noised_items(scheduler, x_BCHW, content_keys(x_BCHW), spec)
+    xt_BI, ts_I, eps_BI = noised_items(scheduler, x_BCHW, content_keys(x_BCHW), spec)
     return xt_BI, ts_I.repeat(len(uids), 1), eps_BI
 
 

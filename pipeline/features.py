@@ -113,7 +113,7 @@ def keyed_noise(seed: int, keys: list[str], ts_I: torch.Tensor, draws_I: torch.T
 
 def noised_items(scheduler, x_BCHW: torch.Tensor, keys: list[str], spec: FeatureSpec
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t (B, I, C, H, W), target (B, I, C, H, W), t (I,)) of the K*S items of each sample.
+    """(x_t (B, I, C, H, W), t (I,), target (B, I, C, H, W)) of the K*S items of each sample.
 
     x_t and the target (eps, or v for v_prediction schedulers) are computed in float32 on the
     CPU with the scheduler's own formulas, so they are the same on every device.
@@ -129,7 +129,7 @@ def noised_items(scheduler, x_BCHW: torch.Tensor, keys: list[str], spec: Feature
         target_BI = scheduler.get_velocity(x0, flat_eps, flat_t).view_as(eps_BI)
     else:
         target_BI = eps_BI
-    return xt_BI, target_BI, ts_I
+    return xt_BI, ts_I, target_BI
 
 
 @contextmanager
@@ -193,7 +193,7 @@ def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor,
     num_items = spec.timesteps * spec.noise_draws
     shape = tuple(x_BCHW.shape[1:])
     B = len(keys)
-    xt_BI, target_BI, ts_I = noised_items(scheduler, x_BCHW, keys, spec)
+    xt_BI, ts_I, target_BI = noised_items(scheduler, x_BCHW, keys, spec)
     xt_BI, target_BI = xt_BI.to(device, dtype), target_BI.to(device, dtype)
     ts_I = ts_I.to(device)
     cond_BLD = None if cond_BLD is None else cond_BLD.to(device, dtype)

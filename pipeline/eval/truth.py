@@ -46,7 +46,7 @@ def query_items(model, pixels_QCHW: torch.Tensor, captions: list[str] | None, ti
     keys = content_keys(pixels_QCHW, captions if model.conditional else None)
     x = encode_images(model, pixels_QCHW) if model.conditional else pixels_QCHW
     spec = FeatureSpec(("loss",), timesteps, draws, seed)
-    xt, target, ts = noised_items(model.scheduler, x, keys, spec)
+    xt, ts, target = noised_items(model.scheduler, x, keys, spec)
     cond = encode_captions(model, captions) if model.conditional else None
     return TruthItems(xt, ts, target, cond)
 
