@@ -30,6 +30,7 @@ OPTIONAL_PATHS = {("store", "reports"), ("model", "lora")}
 RESIDUALS = ("r", "rho")
 NOISE_MODES = ("content", "common")
 NONFINITE = ("error", "exclude")
+ENGINES = ("dense", "factored")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,11 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class ProjectionConfig:
+    engine: str = "dense"
+    """How features are made: dense (per-sample gradients of the attributed parameters, projected
+    by the JL matrix of `kind`) or factored (per layer a Kronecker-structured projection applied to
+    the layer's inputs and output gradients, so per-sample gradients are never formed; memory does
+    not grow with the parameter count; pipeline/factored.py)."""
     dim: int = 2048
     """k: projection dimension."""
     seed: int = 0
@@ -379,6 +385,15 @@ def validate(cfg: Config) -> None:
         raise _fail("projection", "dim", p.dim, "must be >= 1 (typical: 2048 to 32768)")
     if not 0 <= p.seed < 2**64:
         raise _fail("projection", "seed", p.seed, "must be in [0, 2**64)")
+    if p.engine not in ENGINES:
+        raise _fail("projection", "engine", p.engine, f"choose one of {ENGINES}")
+    if p.engine == "factored":
+        if p.kind == "sjlt":
+            raise _fail("projection", "kind", p.kind, "the factored engine's per-layer factors are "
+                        "dense: use rademacher or gaussian (sjlt is for engine = \"dense\")")
+        if f.autocast != "none":
+            raise _fail("features", "autocast", f.autocast, "the factored engine runs without "
+                        "autocast: set autocast = \"none\" or engine = \"dense\"")
     if p.kind not in PROJECTION_KINDS:
         raise _fail("projection", "kind", p.kind, f"choose one of {PROJECTION_KINDS}")
     if p.backend not in PROJECTION_BACKENDS:
@@ -433,5 +448,6 @@ def result_settings(cfg: Config) -> dict:
         "transform": {"resize": cfg.data.resize, "center_crop": cfg.data.center_crop,
                       "convert": cfg.data.convert, "value_range": cfg.data.value_range},
         "projection": {"kind": p.kind, "dim": p.dim, "seed": p.seed,
-                       **({"nonzeros": p.sjlt_nonzeros} if p.kind == "sjlt" else {})},
+                       **({"nonzeros": p.sjlt_nonzeros} if p.kind == "sjlt" else {}),
+                       **({"engine": p.engine} if p.engine != "dense" else {})},
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from .config import Config
 from .data import Dataset, check_matches_model, open_dataset
 from .errors import ConfigError, DataError
 from .faults import fault_point
-from .features import FeatureSpec, noise_keys, per_sample_gradients, timestep_grid
+from .features import FeatureSpec, noise_keys, noised_items, per_sample_gradients, timestep_grid
 from .fingerprint import data_options, fingerprint, settings_identity
 from .kernels import project
 from .models import DiffusionModel, attributed_params, encode_captions, encode_images, load_model
@@ -42,6 +43,8 @@ class Job:
     fingerprint: dict
     param_names: list[str]
     model_info: dict
+    plan: object | None = None
+    """The factored engine's ``FactoredPlan`` (None for the dense engine)."""
 
 
 def feature_spec(cfg: Config) -> FeatureSpec:
@@ -80,8 +83,23 @@ def prepare(cfg: Config, splits: list[str] | None = None) -> Job:
     if splits:
         datasets = {"train": datasets["train"], **{s: datasets[s] for s in splits}}
     train = datasets["train"]
+    plan = None
+    if cfg.projection.engine == "factored":
+        from .factored import FactoredPlan
+
+        p = cfg.projection
+        try:
+            plan = FactoredPlan.build(model.unet, param_names, p.dim, p.seed, p.kind)
+        except ValueError as err:
+            raise ConfigError(f"[projection] engine = \"factored\": {err}") from None
+        if cfg.features.vmap_chunk_size:
+            warnings.warn("[features] vmap_chunk_size is ignored by the factored engine (it never "
+                          "forms per-sample gradients)", stacklevel=2)
+    info = model_info(model, param_names)
+    if plan is not None:
+        info["projection_plan"] = plan.identity()
     return Job(cfg, model, datasets, fingerprint(cfg, train.digest, len(train)), param_names,
-               model_info(model, param_names))
+               info, plan)
 
 
 @dataclass
@@ -131,16 +149,41 @@ def unit_inputs(job: Job, split: Split, ds: Dataset, unit: int, stats: dict) -> 
     return UnitInputs(torch.from_numpy(cached["latents"]), torch.from_numpy(cached["text"]), keys)
 
 
-def _nonfinite(batch, readouts) -> dict[int, list[str]]:
+def _nonfinite(feats_RBK: torch.Tensor, residual_B: torch.Tensor, rho_B: torch.Tensor,
+               readouts) -> dict[int, list[str]]:
     """Rows of a batch whose features, residual or rho are not finite: row -> what is bad."""
     bad: dict[int, list[str]] = {}
     for i, r in enumerate(readouts):
-        for b in torch.nonzero(~torch.isfinite(batch.grads_RBP[i]).all(1)).flatten().tolist():
+        for b in torch.nonzero(~torch.isfinite(feats_RBK[i]).all(1)).flatten().tolist():
             bad.setdefault(b, []).append(f"{r} features")
-    for name, values in (("residual", batch.residual_B), ("rho", batch.rho_B)):
+    for name, values in (("residual", residual_B), ("rho", rho_B)):
         for b in torch.nonzero(~torch.isfinite(values)).flatten().tolist():
             bad.setdefault(b, []).append(name)
     return bad
+
+
+def batch_features(job: Job, unet: torch.nn.Module, x_BCHW: torch.Tensor, keys: list[str],
+                   cond_BLD: torch.Tensor | None):
+    """(projected features (R, B, k), residual (B,), rho (B,)) of one batch, by the configured
+    engine: dense (per-sample gradients, then the JL projection) or factored."""
+    cfg, spec = job.cfg, feature_spec(job.cfg)
+    f, p = cfg.features, cfg.projection
+    if job.plan is not None:
+        from .factored import factored_features
+
+        xt_BI, ts_I, target_BI = noised_items(job.model.scheduler, x_BCHW, keys, spec)
+        out = factored_features(unet, job.plan, xt_BI, ts_I, target_BI, spec.readouts,
+                                cond_BLD=cond_BLD, items_per_pass=f.items_per_pass,
+                                dtype=spec.dtype, normalize=spec.normalize)
+        return out.feats_RBK, out.residual_B, out.rho_B
+    batch = per_sample_gradients(unet, job.model.scheduler, x_BCHW, keys, spec,
+                                 param_names=job.param_names, items_per_pass=f.items_per_pass,
+                                 cond_BLD=cond_BLD, vmap_chunk_size=f.vmap_chunk_size,
+                                 autocast=f.autocast == "bf16")
+    R, B, P = batch.grads_RBP.shape
+    proj = project(batch.grads_RBP.view(R * B, P), p.dim, p.seed, p.kind, backend=p.backend,
+                   sjlt_nonzeros=p.sjlt_nonzeros).view(R, B, -1)
+    return proj, batch.residual_B, batch.rho_B
 
 
 def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int,
@@ -169,12 +212,9 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
         b_hi = min(hi, b_lo + cfg.features.batch_size)
         sel = slice(b_lo - lo, b_hi - lo)
         cond = None if inputs.cond is None else inputs.cond[sel]
-        batch = _guard_memory(lambda sel=sel, cond=cond: per_sample_gradients(
-            unet, job.model.scheduler, inputs.x[sel], inputs.keys[sel], spec,
-            param_names=job.param_names, items_per_pass=cfg.features.items_per_pass,
-            cond_BLD=cond, vmap_chunk_size=cfg.features.vmap_chunk_size,
-            autocast=cfg.features.autocast == "bf16"), cfg)
-        bad = _nonfinite(batch, spec.readouts)
+        proj, res_B, rho_B = _guard_memory(lambda sel=sel, cond=cond: batch_features(
+            job, unet, inputs.x[sel], inputs.keys[sel], cond), cfg)
+        bad = _nonfinite(proj, res_B, rho_B, spec.readouts)
         if bad:
             rows = ", ".join(f"row {b_lo + b} (uid {ds.uids[b_lo + b]!r}: {', '.join(what)})"
                              for b, what in list(bad.items())[:5])
@@ -183,14 +223,10 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
                 f"e.g. {rows}; check those inputs (NaN or extreme pixels?) and the model, or set "
                 f"[features] nonfinite = \"exclude\" to leave such samples out of the Gram and "
                 f"the scores (they are listed in the store and by `das status`)")
-        R, B, P = batch.grads_RBP.shape
-        p = cfg.projection
-        proj = project(batch.grads_RBP.view(R * B, P), p.dim, p.seed, p.kind, backend=p.backend,
-                       sjlt_nonzeros=p.sjlt_nonzeros).view(R, B, -1)
         for i, r in enumerate(spec.readouts):
             feats[r].append(proj[i].cpu().numpy())
-        residual.append(batch.residual_B.cpu().numpy())
-        rho.append(batch.rho_B.cpu().numpy())
+        residual.append(res_B.cpu().numpy())
+        rho.append(rho_B.cpu().numpy())
         if on_batch is not None:
             on_batch(b_hi - b_lo)
     return UnitData({r: np.concatenate(v) for r, v in feats.items()}, np.concatenate(residual),

@@ -54,6 +54,15 @@ def settings_identity(cfg: Config, stored: dict | None = None) -> dict:
     """
     settings = result_settings(cfg)
     p = cfg.projection
+    if p.engine == "factored":
+        from .factored import ENGINE as ENGINE_ID
+        from .kernels import RNG_VERSION
+
+        # The per-layer dims follow from the model (its digest) and these settings; the store
+        # records them beside the fingerprint (root attribute "projection_plan").
+        settings["projection"] = {"engine": ENGINE_ID, "kind": p.kind, "dim": p.dim,
+                                  "seed": p.seed, "rng": RNG_VERSION}
+        return settings
     try:
         settings["projection"] = projection_identity(p.kind, p.dim, p.seed, p.backend,
                                                      p.sjlt_nonzeros)

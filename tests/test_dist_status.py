@@ -10,11 +10,11 @@ from das_pipeline.store import Store
 NOW = 1_700_000_000.0  # in the past of any test run
 
 
-def synthetic_store(path):
+def synthetic_store(path, fingerprint=None):
     """train: 10 units x 4 rows. Rank 0 marked units 0-3 (8 s each: 0.5 samples/s), rank 1
     units 4-5 (4 s each: 1 sample/s); rank 0 works on unit 6 now; rank 2 claimed unit 7 two
     hours ago and died; units 8-9 untouched. val: created, nothing done."""
-    store = Store.open(path, {"test": 1})
+    store = Store.open(path, fingerprint or {"test": 1})
     uids = [str(i) for i in range(40)]
     train = store.create_split("train", source="x", digest="d", uids=uids, readouts=("mean",),
                                dim=2, dtype="float32", rows_per_unit=4)
@@ -31,13 +31,16 @@ def synthetic_store(path):
 
 
 def test_status_reports_rates_eta_and_stale_units(tmp_path, capsys):
+    from das_pipeline.config import load_config
+    from das_pipeline.data import open_dataset
+    from das_pipeline.fingerprint import fingerprint
     from das_pipeline.launch.status import status_lines
 
-    synthetic_store(tmp_path / "s.zarr")
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'[model]\npath = "m"\n[data.queries]\nval = "digits[0:6]"\n'
-                   f'[store]\npath = "{tmp_path / "s.zarr"}"\n')
-    from das_pipeline.config import load_config
+    cfg.write_text(f'[model]\npath = "m"\n[data]\ntrain = "digits[0:40]"\n[data.queries]\n'
+                   f'val = "digits[0:6]"\n[store]\npath = "{tmp_path / "s.zarr"}"\n')
+    train = open_dataset("train", "digits[0:40]")
+    synthetic_store(tmp_path / "s.zarr", fingerprint(load_config(cfg), train.digest, len(train)))
 
     lines = status_lines(load_config(cfg), stale_after=1800, now=NOW)
     assert lines[1] == ("  train        units 6/10  samples 24/40 (60%)  rate 1.5 samples/s "

@@ -4,6 +4,7 @@ UNets, with and without LoRA; plus determinism, memory and error checks."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -429,3 +430,36 @@ def test_errors_name_the_setting_or_layer_and_the_fix():
     dora.add_adapter(LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
     with pytest.raises(ValueError, match="LoRA variant.*plain LoRA"):
         FactoredPlan.build(dora, [n for n, _ in dora.named_parameters() if "lora_" in n], 32, 0)
+
+
+def test_das_run_with_the_factored_engine(make_config, tmp_path):
+    """`[projection] engine = "factored"` end to end: the store's features are the engine's own
+    (same content keys and items), its fingerprint names the engine, and the plan with its
+    per-layer dims is recorded beside it."""
+    from das_pipeline.cli import main
+    from das_pipeline.config import load_config
+    from das_pipeline.data import open_dataset
+    from das_pipeline.extract import feature_spec
+    from das_pipeline.features import content_keys
+    from das_pipeline.models import load_model
+    from das_pipeline.store import Store
+
+    cfg_path = make_config(dim=96)
+    cfg_path.write_text(cfg_path.read_text().replace("[projection]", '[projection]\nengine = "factored"'))
+    assert main(["run", str(cfg_path), "--quiet"]) == 0
+    cfg = load_config(cfg_path)
+    store = Store.open_existing(cfg.store.path)
+    assert store.fingerprint["settings"]["projection"]["engine"] == "factored-kron/v1"
+    plan_id = store.root.attrs["model_info"]["projection_plan"]
+    assert plan_id["dim"] == 96 and plan_id["layers"]
+    model = load_model(cfg.model.path)
+    plan = FactoredPlan.build(model.unet, None, 96, seed=0)
+    assert plan.identity() == plan_id
+    ds = open_dataset("val", cfg.data.queries["val"])
+    x = ds.load(0, len(ds))
+    spec = feature_spec(cfg)
+    xt, ts, target = noised_items(model.scheduler, x, content_keys(x), spec)
+    want = factored_features(model.unet, plan, xt, ts, target, spec.readouts)
+    for i, r in enumerate(spec.readouts):
+        got = store.split("val").group["features"][r][:]
+        np.testing.assert_allclose(got, want.feats_RBK[i].numpy(), rtol=1e-4, atol=1e-6)

@@ -56,7 +56,7 @@ def test_run_attributes_only_lora_and_ranks_training_samples_first(tmp_path, sd,
     out = capsys.readouterr().out
     model = load_model(sd["pipe"], sd["lora"])
     lora_params = sum(p.numel() for n, p in model.unet.named_parameters() if "lora_" in n)
-    fp = Store.open_existing(load_config(cfg_path).store.path).fingerprint["model"]
+    fp = Store.open_existing(load_config(cfg_path).store.path).root.attrs["model_info"]
     assert fp["attributed_params"] == lora_params < model.num_params() / 5
     assert fp["pipeline"] == "StableDiffusionPipeline"
     assert f"{lora_params} attributed parameters" in out
