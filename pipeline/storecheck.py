@@ -262,10 +262,9 @@ def verify_split(split: Split, fix: bool = False, lock_timeout_s: float = 10.0) 
     return report
 
 
-def _check_node(store: Store, rel: str, attrs: tuple[str, ...], arrays, read: bool) -> str | None:
-    """Why the group ``rel`` is damaged or unfinished, or None: its attributes hold ``attrs``
-    and each array (names, or those the attribute ``arrays`` lists) opens (and with ``read``
-    reads as finite values)."""
+def _check_group(store: Store, rel: str, attrs: tuple[str, ...], arrays, read: bool) -> str | None:
+    """Why the group ``rel`` is damaged or unfinished, or None: its attributes hold ``attrs``,
+    and each array ``arrays(attributes)`` names opens (and with ``read`` reads as finite)."""
     try:
         group = store.root[rel]
         have = group.attrs.asdict()
@@ -274,9 +273,7 @@ def _check_node(store: Store, rel: str, attrs: tuple[str, ...], arrays, read: bo
     missing = [k for k in attrs if k not in have]
     if missing:
         return f"unfinished or damaged: attributes {missing} missing"
-    names = have.get(arrays, []) if isinstance(arrays, str) else arrays
-    names = [*names, *(["gram"] if "gram" in names or (store.path / rel / "gram").is_dir() else [])]
-    for name in dict.fromkeys(names):
+    for name in arrays(have):
         try:
             arr = group[name]
             for lo in range(0, arr.shape[0] if read else 0, _ROWS_PER_READ):
@@ -295,12 +292,14 @@ def _check_products(store: Store, report: StoreReport, fix: bool) -> None:
     """reduce/, scores/ and partials/ (see the module docstring)."""
     found = []
     for d in _children(store.path / "reduce"):
-        why = _check_node(store, f"reduce/{d.name}", ("train_digest", "trace", "num_samples",
-                                                      "dim"), ("eigvals", "eigvecs"), read=True)
+        gram = ["gram"] if (d / "gram").is_dir() else []  # absent for a thin factor
+        why = _check_group(store, f"reduce/{d.name}", ("train_digest", "trace", "num_samples",
+                                                       "dim"),
+                           lambda _, gram=gram: ["eigvals", "eigvecs", *gram], read=True)
         found.append((f"reduce/{d.name}", why, "`das reduce CONFIG` recomputes it"))
     for d in _children(store.path / "scores"):
-        why = _check_node(store, f"scores/{d.name}", ("methods", "train_digest", "query_digest"),
-                          "methods", read=False)
+        why = _check_group(store, f"scores/{d.name}", ("methods", "train_digest", "query_digest"),
+                           lambda attrs: list(attrs["methods"]), read=False)
         found.append((f"scores/{d.name}", why, "`das score CONFIG` recomputes it"))
     for d in _children(store.path / "partials"):
         for part in _children(d):

@@ -28,7 +28,7 @@ def assert_same(after: dict, before: dict) -> None:
 
 
 def test_missing_rho_chunk_is_caught_unmarked_and_redone(make_config, capsys):
-    cfg_path = make_config(train="digits[0:32]", queries={})
+    cfg_path = make_config(train="digits[0:32]")
     store_path = load_config(cfg_path).store.path
     assert das(capsys, "extract", cfg_path)[0] == 0
     before = arrays(store_path)
@@ -43,6 +43,9 @@ def test_missing_rho_chunk_is_caught_unmarked_and_redone(make_config, capsys):
     assert code == 0 and "wrote 1 units" in out
     assert_same(arrays(store_path), before)
     assert das(capsys, "reduce", cfg_path)[0] == 0
+    assert das(capsys, "score", cfg_path)[0] == 0
+    report = Store.open_existing(store_path).verify()  # real reductions and scores pass
+    assert not report.found and set(report.splits) == {"train", "val"}, report.lines()
 
 
 def test_missing_array_metadata_is_refused_everywhere_then_repaired(make_config, capsys):
