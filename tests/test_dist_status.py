@@ -23,10 +23,10 @@ def synthetic_store(path, fingerprint=None):
     t0 = NOW - 100
     for unit, (rank, seconds) in enumerate([(0, 8)] * 4 + [(1, 4)] * 2):
         start = t0 + 10 * unit
-        train.group["claims"][unit] = [start, 100 + rank, rank]
-        train.group["markers"][unit] = [1, 4, start + seconds, 100 + rank, rank, 0.0, 0.0]
-    train.group["claims"][6] = [NOW - 2, 100, 0]
-    train.group["claims"][7] = [NOW - 7200, 102, 2]
+        train.group["claims"][unit] = [start, 100 + rank, rank, 0.0]
+        train.group["markers"][unit] = [1, 4, start + seconds, 100 + rank, rank] + [0.0] * 4
+    train.group["claims"][6] = [NOW - 2, 100, 0, 0.0]
+    train.group["claims"][7] = [NOW - 7200, 102, 2, 0.0]
     return store
 
 
@@ -62,6 +62,6 @@ def test_rates_use_only_units_a_rank_claimed_and_marked(tmp_path):
     store = synthetic_store(tmp_path / "s.zarr")
     train = store.split("train")
     # Unit 0 was re-marked by rank 1 after rank 0's claim (a twin): its time counts for nobody.
-    train.group["markers"][0] = [1, 4, NOW - 10, 101, 1, 0.0, 0.0]
+    train.group["markers"][0] = [1, 4, NOW - 10, 101, 1] + [0.0] * 4
     rates = rank_rates(train.markers(), train.claims())
     np.testing.assert_allclose([rates[0], rates[1]], [12 / 24, 1.0])

@@ -213,6 +213,7 @@ def hold_lock(split, unit: int, when: float, pid: int, host: float) -> Path:
     path = lock_file(split, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(np.asarray([when, pid, host], "<f8").tobytes())
+    os.utime(path, (when, when))  # an old lock is an old file too (locks.py: both must be old)
     return path
 
 
