@@ -31,8 +31,24 @@ DENSE_KINDS = ("rademacher", "gaussian")
 TAG = {"rademacher": 1, "gaussian": 2, "sjlt": 3}  # counter word c3: one stream per kind
 DEFAULT_BLOCK_BYTES = 32 * 2**20
 DEFAULT_SJLT_NONZEROS = 4
-# Packed Philox words of Rademacher blocks kept between calls (1 bit per matrix entry).
-DEFAULT_CACHE_BYTES = int(float(os.environ.get("DAS_PROJECTION_CACHE_MB", "256")) * 2**20)
+
+
+def _default_cache_bytes() -> int:
+    """Matrix blocks kept between calls: DAS_PROJECTION_CACHE_MB, else 1/8 of the machine's
+    memory within [256 MB, 4 GB] (a whole gaussian matrix of a small model fits: 1.45 GB for a
+    177k-parameter UNet at k = 2048)."""
+    if "DAS_PROJECTION_CACHE_MB" in os.environ:
+        return int(float(os.environ["DAS_PROJECTION_CACHE_MB"]) * 2**20)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 2 * 2**30
+    return int(min(4 * 2**30, max(256 * 2**20, total // 8)))
+
+
+# Generated blocks (and packed Philox words of Rademacher blocks: 1 bit per entry) kept between
+# calls, so a matrix is generated once per (seed, block), not once per batch.
+DEFAULT_CACHE_BYTES = _default_cache_bytes()
 
 _SIGN_LUT: dict[torch.device, torch.Tensor] = {}
 
@@ -287,10 +303,13 @@ def project_reference(x_BP: torch.Tensor, dim: int, seed: int, kind: str = "rade
     if kind == "rademacher":
         buffer = torch.empty(min(rows_per_block, num_rows) * (-(-dim // 128)) * 128,
                              dtype=torch.float32, device=x_BP.device)
-    # Cache only when every block of this call fits, so that a sweep never thrashes the LRU: the
-    # expanded +-1 blocks when they take at most a quarter of the budget (small models: the
-    # projection becomes one matmul), else the packed words (1 bit per entry).
-    keep_blocks = cache and num_rows * dim * 4 <= _WORDS.budget // 4
+    # Cache only when every block of this call fits, so that a sweep never thrashes the LRU.
+    # Rademacher: the expanded +-1 blocks when they take at most a quarter of the budget (small
+    # models: the projection becomes one matmul), else the packed words (1 bit per entry).
+    # Gaussian values have no packed form (Box-Muller is the cost): their blocks are kept
+    # whenever the whole matrix fits the budget, else they are regenerated (use sjlt on CPU).
+    share = 1 if kind == "gaussian" else 4
+    keep_blocks = cache and num_rows * dim * 4 <= _WORDS.budget // share
     cache = cache and num_rows * (-(-dim // 128)) * 16 <= _WORDS.budget
     for start in range(0, num_rows, rows_per_block):
         stop = min(num_rows, start + rows_per_block)

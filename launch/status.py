@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config
+from ..errors import StoreError
 from ..fingerprint import open_store
 from ..store import Split
 from .slurm import JOBS_FILE, recorded_jobs, slurm_dir
@@ -69,7 +70,7 @@ def split_lines(split: Split, now: float, stale_after: float, active: set[int]) 
     head = (f"  {split.name:<12} units {int(done.sum())}/{split.num_units}  samples "
             f"{rows_done}/{split.num_samples} ({100.0 * rows_done / max(split.num_samples, 1):.0f}%)")
     if not left:
-        return [head + "  complete"]
+        return [head + "  complete"] + excluded_line(split, markers)
     rates = rank_rates(markers, claims)
     speed = sum(rates.get(r, 0.0) for r in active)
     if speed > 0:
@@ -78,7 +79,7 @@ def split_lines(split: Split, now: float, stale_after: float, active: set[int]) 
         head += f"  {len(active)} active ranks, no rate yet"
     else:
         head += f"  no rank active in the last {_duration(stale_after)}"
-    lines = [head]
+    lines = [head] + excluded_line(split, markers)
     if rates:
         ordered = sorted(rates.items())
         if len(ordered) <= MAX_LISTED_RANKS:
@@ -90,15 +91,30 @@ def split_lines(split: Split, now: float, stale_after: float, active: set[int]) 
                    f"slowest {', '.join(f'r{r} {v:.3g}' for r, v in slow)}")
         lines.append(f"  {'':<12} per rank (samples/s): {per}")
     claimed = ~done & (claims[:, 0] > 0)
-    running = np.flatnonzero(claimed & (now - claims[:, 0] <= stale_after))
-    stale = np.flatnonzero(claimed & (now - claims[:, 0] > stale_after))
+    # A claim of a process of this host that no longer exists is stale at once.
+    is_stale = claimed & ((now - claims[:, 0] > stale_after) | split.dead_claims(claims))
+    running = np.flatnonzero(claimed & ~is_stale)
+    stale = np.flatnonzero(is_stale)
     if len(running):
         lines.append(f"  {'':<12} in progress: {len(running)} units")
     if len(stale):
         more = "..." if len(stale) > 8 else ""
-        lines.append(f"  {'':<12} stale units (claimed over {_duration(stale_after)} ago, never "
-                     f"marked): {len(stale)}: {stale[:8].tolist()}{more}")
+        lines.append(f"  {'':<12} stale units (claimed over {_duration(stale_after)} ago or by a "
+                     f"process that is gone, never marked): {len(stale)}: {stale[:8].tolist()}{more}")
     return lines
+
+
+def excluded_line(split: Split, markers: np.ndarray) -> list[str]:
+    """The samples left out for non-finite features ([features] nonfinite = "exclude")."""
+    try:
+        rows = split.excluded_rows(markers)
+    except StoreError as err:
+        return [f"  {'':<12} excluded samples unreadable ({err})"]
+    if not len(rows):
+        return []
+    uids = split.uids()
+    shown = ", ".join(uids[i] for i in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    return [f"  {'':<12} excluded (non-finite features): {len(rows)} samples: {shown}"]
 
 
 def status_lines(cfg: Config, stale_after: float = 1800.0, now: float | None = None) -> list[str]:

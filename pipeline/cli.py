@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import StoreError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
@@ -33,7 +34,8 @@ def cmd_extract(args) -> int:
     from .extract import run_extract
 
     summary = run_extract(_config(args.config), args.split or None,
-                          show_progress=not args.quiet, partial_gram=args.partial_gram)
+                          show_progress=not args.quiet, partial_gram=args.partial_gram,
+                          replace=args.replace_split or None)
     print(f"extract: rank {summary['rank']}/{summary['world']} wrote {summary['units']} units "
           f"({summary['samples']} samples, {summary['attributed_params']} attributed parameters) "
           f"in {summary['seconds']:.1f} s -> {summary['store']}"
@@ -83,18 +85,19 @@ def cmd_submit(args) -> int:
 
 def cmd_verify(args) -> int:
     from .fingerprint import open_store
+    from .storecheck import verify_store
 
-    store = open_store(_config(args.config))
-    bad_total = 0
-    for name in store.split_names():
-        split = store.split(name)
-        checked = len(split.done_units())
-        bad = split.verify(fix=args.fix)
-        state = "unmarked" if args.fix else "corrupt"
-        print(f"{name}: {checked} marked units checked, {len(bad)} {state}"
-              f"{': ' + str(bad[:10]) if bad else ''}")
-        bad_total += len(bad)
-    return 1 if bad_total and not args.fix else 0
+    cfg = _config(args.config)
+    root = Path(cfg.store.path) / "zarr.json"
+    if root.exists():
+        try:
+            open_store(cfg)  # refuses another fingerprint, like every stage
+        except StoreError as err:
+            if "fingerprint" in str(err) or "other result-affecting" in str(err):
+                raise
+    report = verify_store(cfg.store.path, fix=args.fix)
+    print("\n".join(report.lines()))
+    return 1 if report.unresolved else 0
 
 
 def cmd_demo(args) -> int:
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("extract", cmd_extract, "compute projected per-sample features into the store "
             "(resumes; runs under accelerate launch / torchrun as one rank each)")
     p.add_argument("--split", action="append", help="only this split (repeatable)")
+    p.add_argument("--replace-split", action="append", metavar="NAME",
+                   help="first delete this split's stored features (and, for train, the reductions "
+                   "and scores) because its data changed; then extract it again (repeatable)")
     p.add_argument("--partial-gram", action="store_true",
                    help="then store the partial Gram of this rank's train units for `das reduce` "
                    "(skipped when N < k)")
@@ -141,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("score", cmd_score, "score query sets against the training set; writes top-k CSVs")
     p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
     p = add("run", cmd_run, "extract, reduce and score")
-    p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto")
+    p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto",
+                   replace_split=None)
     p = add("status", cmd_status, "units done per split, rate, ETA, stale units")
     p.add_argument("--stale-after", type=float, default=1800.0,
                    help="seconds after which an unmarked claim counts as stale (default 1800)")

@@ -16,6 +16,7 @@ import hashlib
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from .features import FeatureSpec, noise_keys, noised_items, per_sample_gradient
 from .fingerprint import data_options, fingerprint, settings_identity
 from .kernels import project
 from .models import DiffusionModel, attributed_params, encode_captions, encode_images, load_model
-from .store import Split, Store, UnitData
+from .store import Split, StopRequested, Store, UnitData
 
 
 @dataclass
@@ -129,7 +130,8 @@ def cache_shapes(job: Job) -> dict[str, tuple[int, ...]] | None:
     return {"latents": job.model.latent_shape, "text": tuple(probe.shape[1:])}
 
 
-def unit_inputs(job: Job, split: Split, ds: Dataset, unit: int, stats: dict) -> UnitInputs:
+def unit_inputs(job: Job, split: Split, ds: Dataset, unit: int, stats: dict,
+                stop: dist.StopFlag | None = None) -> UnitInputs:
     """A unit's samples, caption embeddings and noise keys; latent models encode their images and
     captions once and cache them in the store (a resumed run reads them back)."""
     lo, hi = split.unit_rows(unit)
@@ -143,7 +145,7 @@ def unit_inputs(job: Job, split: Split, ds: Dataset, unit: int, stats: dict) -> 
         stats["cache_reused"] += 1
     else:
         cached = encode_unit(job, pixels, captions)
-        split.write_cache(unit, cached)
+        split.write_cache(unit, cached, should_stop=lambda: bool(stop))
         stats["cache_encoded"] += 1
         fault_point("after_cache")
     return UnitInputs(torch.from_numpy(cached["latents"]), torch.from_numpy(cached["text"]), keys)
@@ -176,14 +178,22 @@ def batch_features(job: Job, unet: torch.nn.Module, x_BCHW: torch.Tensor, keys: 
                                 cond_BLD=cond_BLD, items_per_pass=f.items_per_pass,
                                 dtype=spec.dtype, normalize=spec.normalize)
         return out.feats_RBK, out.residual_B, out.rho_B
-    batch = per_sample_gradients(unet, job.model.scheduler, x_BCHW, keys, spec,
-                                 param_names=job.param_names, items_per_pass=f.items_per_pass,
-                                 cond_BLD=cond_BLD, vmap_chunk_size=f.vmap_chunk_size,
-                                 autocast=f.autocast == "bf16")
-    R, B, P = batch.grads_RBP.shape
-    proj = project(batch.grads_RBP.view(R * B, P), p.dim, p.seed, p.kind, backend=p.backend,
-                   sjlt_nonzeros=p.sjlt_nonzeros).view(R, B, -1)
-    return proj, batch.residual_B, batch.rho_B
+    kwargs = dict(param_names=job.param_names, items_per_pass=f.items_per_pass, cond_BLD=cond_BLD,
+                  vmap_chunk_size=f.vmap_chunk_size, autocast=f.autocast == "bf16")
+    if p.backend == "fastjl":  # its matrix cannot be applied to slices: project the flat vector
+        batch = per_sample_gradients(unet, job.model.scheduler, x_BCHW, keys, spec, **kwargs)
+        R, B, P = batch.grads_RBP.shape
+        proj = project(batch.grads_RBP.view(R * B, P), p.dim, p.seed, p.kind,
+                       backend=p.backend).view(R, B, -1)
+        return proj, batch.residual_B, batch.rho_B
+
+    def project_slice(x_nP, row_offset):
+        return project(x_nP, p.dim, p.seed, p.kind, row_offset=row_offset, backend=p.backend,
+                       sjlt_nonzeros=p.sjlt_nonzeros)
+
+    batch = per_sample_gradients(unet, job.model.scheduler, x_BCHW, keys, spec, **kwargs,
+                                 project=project_slice)
+    return batch.feats_RBK, batch.residual_B, batch.rho_B
 
 
 def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int,
@@ -205,6 +215,7 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
         inputs = UnitInputs(pixels, None, noise_keys(cfg.features.noise, pixels))
     feats = {r: [] for r in spec.readouts}
     residual, rho = [], []
+    excluded = np.zeros(hi - lo, dtype=bool)
     for b_lo in range(lo, hi, cfg.features.batch_size):
         if stop:
             return None
@@ -215,7 +226,10 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
         proj, res_B, rho_B = _guard_memory(lambda sel=sel, cond=cond: batch_features(
             job, unet, inputs.x[sel], inputs.keys[sel], cond), cfg)
         bad = _nonfinite(proj, res_B, rho_B, spec.readouts)
-        if bad:
+        if bad and cfg.features.nonfinite == "exclude":
+            for b in bad:
+                excluded[b_lo - lo + b] = True
+        elif bad:
             rows = ", ".join(f"row {b_lo + b} (uid {ds.uids[b_lo + b]!r}: {', '.join(what)})"
                              for b, what in list(bad.items())[:5])
             raise DataError(
@@ -230,7 +244,7 @@ def unit_features(job: Job, unet: torch.nn.Module, ds: Dataset, lo: int, hi: int
         if on_batch is not None:
             on_batch(b_hi - b_lo)
     return UnitData({r: np.concatenate(v) for r, v in feats.items()}, np.concatenate(residual),
-                    np.concatenate(rho))
+                    np.concatenate(rho), excluded if excluded.any() else None)
 
 
 def _guard_memory(compute, cfg: Config):
@@ -250,24 +264,41 @@ def _guard_memory(compute, cfg: Config):
             f"or attribute fewer parameters ([features] params)") from None
 
 
-def open_splits(job: Job, rank: dist.RankInfo) -> tuple[Store, dict[str, Split]]:
+def open_splits(job: Job, rank: dist.RankInfo, replace: list[str] | None = None
+                ) -> tuple[Store, dict[str, Split]]:
+    """Open (rank 0: create) the store and every split of the job; ``replace`` names splits to
+    delete first (with what depends on them), so that their changed data can be extracted."""
     cfg = job.cfg
-    store = Store.open(cfg.store.path, job.fingerprint, create=rank.is_main)
+    path = Path(cfg.store.path)
+    for name in replace or []:
+        if name not in job.datasets:
+            raise ConfigError(f"--replace-split {name!r} is not a split of this run; choose from "
+                              f"{list(job.datasets)}")
+        if rank.is_main and (path / "zarr.json").exists():
+            removed = Store.open_existing(path).replace_split(
+                name, fingerprint=job.fingerprint if name == "train" else None)
+            print(f"extract: replaced split {name!r} (removed {', '.join(removed)})")
+    store = Store.open(path, job.fingerprint, create=rank.is_main,
+                       train_row_digests=job.datasets["train"].row_digests)
     if rank.is_main and store.root.attrs.get("model_info") != job.model_info:
         store.root.attrs["model_info"] = job.model_info
     shapes = cache_shapes(job)
     splits = {}
     for name, ds in job.datasets.items():
         splits[name] = store.create_split(
-            name, source=ds.source, digest=ds.digest, uids=ds.uids,
+            name, source=ds.source, digest=ds.digest, uids=ds.uids, row_digests=ds.row_digests,
             readouts=cfg.features.readouts, dim=cfg.projection.dim, dtype=cfg.features.dtype,
             rows_per_unit=cfg.store.rows_per_unit, create=rank.is_main, cache_shapes=shapes)
     return store, splits
 
 
 def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInfo | None = None,
-                show_progress: bool = True, partial_gram: bool = False) -> dict:
+                show_progress: bool = True, partial_gram: bool = False,
+                replace: list[str] | None = None) -> dict:
     """Extract the features of the given splits (default: train and every query set).
+
+    ``replace``: splits whose stored features are deleted first (``Store.replace_split``), for
+    data that changed since they were extracted.
 
     With ``partial_gram`` the rank then stores the partial Gram of the train units it owns
     (``reduce.write_partial``), which ``das reduce`` sums instead of streaming the store; not
@@ -277,12 +308,13 @@ def run_extract(cfg: Config, splits: list[str] | None = None, rank: dist.RankInf
     stop signal; what was marked stays valid and the rerun continues from it.
     """
     with dist.StopFlag() as stop:
-        return _extract(cfg, splits, rank or dist.current(), show_progress, partial_gram, stop)
+        return _extract(cfg, splits, rank or dist.current(), show_progress, partial_gram, stop,
+                        replace)
 
 
-def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
-    job = prepare(cfg, splits)
-    store, split_map = open_splits(job, rank)
+def _extract(cfg, splits, rank, show_progress, partial_gram, stop, replace=None) -> dict:
+    job = prepare(cfg, sorted(set(splits or []) | set(replace or [])) or None)
+    store, split_map = open_splits(job, rank, replace)
     if splits:
         split_map = {s: split_map[s] for s in splits}
     # nn.Module.to: diffusers' own .to() warns about dtype casts we make on purpose (float64 checks).
@@ -307,14 +339,25 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
             split.claim(unit, rank.rank)
             fault_point("claim")
             lo, hi = split.unit_rows(unit)
-            inputs = unit_inputs(job, split, ds, unit, stats)
-            bar.set_postfix_str(f"{name} unit {unit}", refresh=False)
-            data = unit_features(job, unet, ds, lo, hi, stop, inputs, on_batch=bar.update)
-            if data is None:
+            try:
+                inputs = unit_inputs(job, split, ds, unit, stats, stop)
+                bar.set_postfix_str(f"{name} unit {unit}", refresh=False)
+                data = unit_features(job, unet, ds, lo, hi, stop, inputs, on_batch=bar.update)
+                if data is None:
+                    raise dist.Preempted(f"signal {stop.signum}: dropped unit {unit} of {name!r} "
+                                         f"unmarked after {written} units; rerun to continue")
+                fault_point("before_write")
+                committed = split.commit_unit(unit, data, rank.rank,
+                                              should_stop=lambda: bool(stop))
+            except StopRequested:
+                split.release(unit)
                 raise dist.Preempted(f"signal {stop.signum}: dropped unit {unit} of {name!r} "
-                                     f"unmarked after {written} units; rerun to continue")
-            fault_point("before_write")
-            if split.commit_unit(unit, data, rank.rank):
+                                     f"unmarked (waiting for its lock) after {written} units; "
+                                     f"rerun to continue") from None
+            except BaseException:
+                split.release(unit)  # nobody works on it any more: `das status` must not wait
+                raise
+            if committed:
                 written += 1
                 samples += hi - lo
             fault_point("after_unit")
@@ -327,9 +370,12 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop) -> dict:
 
         train = split_map["train"]
         units = range(rank.rank, train.num_units, rank.world)
-        # With N < k a partial (k x k) is bigger than all train features (N x k), and `das reduce`
-        # streams them for the exact thin factor anyway: write none.
-        wanted = len(units) and train.num_samples >= train.dim
+        # A partial (k x k float64) is worth writing only when it is smaller than the features it
+        # sums (rows x k): rows > 2 k for float32 features. With N < k, `das reduce` streams the
+        # features into the exact thin factor anyway.
+        rows = sum(np.subtract(*reversed(train.unit_rows(u))) for u in units)
+        itemsize = np.dtype(cfg.features.dtype).itemsize
+        wanted = len(units) and train.num_samples >= train.dim and rows * itemsize > 8 * train.dim
         for readout in needed_readouts(cfg) if wanted else []:
             write_partial(store, train, readout, units, rank.rank, rank.world)
             partials.append(readout)

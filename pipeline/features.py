@@ -149,10 +149,13 @@ def math_attention(autocast: bool = False):
 
 @dataclass
 class BatchFeatures:
-    grads_RBP: torch.Tensor
-    """Per-sample gradient features g_R (unprojected), readouts in spec order."""
+    grads_RBP: torch.Tensor | None
+    """Per-sample gradient features g_R (unprojected), readouts in spec order; None when the
+    gradients were projected as they were produced (``project`` given)."""
     residual_B: torch.Tensor
     rho_B: torch.Tensor
+    feats_RBK: torch.Tensor | None = None
+    """The projected features P g_R, when ``project`` was given."""
 
 
 def _readouts(pred, target, index):
@@ -164,8 +167,15 @@ def _readouts(pred, target, index):
 def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor, keys: list[str],
                          spec: FeatureSpec, param_names: list[str] | None = None,
                          items_per_pass: int = 0, cond_BLD: torch.Tensor | None = None,
-                         vmap_chunk_size: int = 0, autocast: bool = False) -> BatchFeatures:
+                         vmap_chunk_size: int = 0, autocast: bool = False,
+                         project=None) -> BatchFeatures:
     """Per-sample gradient features of one batch (vmap over samples of jacrev of the readouts).
+
+    With ``project(x_nP, row_offset) -> (n, K)`` (the JL projection of columns starting at
+    ``row_offset`` of the flat parameter vector), each parameter tensor's per-sample gradients
+    are projected as soon as they are produced and summed into (R, B, K) features: at most one
+    copy of the per-sample gradients exists at any time. Projection is linear, so this equals
+    projecting the flat vector (to float rounding).
 
     Args:
         unet: eval-mode UNet already on the target device and in ``spec.dtype``.
@@ -180,7 +190,8 @@ def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor,
         vmap_chunk_size: samples per vmap chunk (0 = all). Bounds gradient memory.
         autocast: run the forward pass under bf16 autocast (gradients stay float32).
     Returns:
-        BatchFeatures with grads (R, B, P) in ``spec.dtype`` on the unet's device.
+        BatchFeatures with grads (R, B, P), or with ``project`` the features (R, B, K), in
+        ``spec.dtype`` on the unet's device.
     """
     device = next(unet.parameters()).device
     dtype = spec.dtype
@@ -207,8 +218,23 @@ def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor,
     chunk = items_per_pass or num_items
     vmap_kw = {"chunk_size": vmap_chunk_size} if vmap_chunk_size else {}
     cond_dim = None if cond_BLD is None else 0
-    grads = {n: torch.zeros(len(spec.readouts), B, *p.shape, dtype=dtype, device=device)
-             for n, p in params.items()}
+    R = len(spec.readouts)
+    offsets, total = {}, 0
+    for n in names:
+        offsets[n], total = total, total + params[n].numel()
+    feats_RBK = None
+    if project is None:
+        grads = {n: torch.zeros(R, B, *p.shape, dtype=dtype, device=device) for n, p in params.items()}
+
+    def add(n: str, grad_BR: torch.Tensor) -> None:
+        """Accumulate one tensor's per-sample gradients (B, R, *shape), summed over items."""
+        nonlocal feats_RBK
+        if project is None:
+            grads[n] += grad_BR.transpose(0, 1)
+            return
+        out = project(grad_BR.reshape(B * R, -1), offsets[n]).view(B, R, -1).transpose(0, 1)
+        feats_RBK = out.to(dtype) if feats_RBK is None else feats_RBK.add_(out)
+
     loss_sum_B = torch.zeros(B, dtype=torch.float64, device=device)
     rho_sum_B = torch.zeros(B, dtype=torch.float64, device=device)
     with math_attention(autocast):
@@ -225,7 +251,7 @@ def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor,
                                             in_dims=(None, 0, 0, cond_dim), **vmap_kw)(
                     params, xt, target, cond_BLD)
                 for n in names:
-                    grads[n] += jac[n].transpose(0, 1)
+                    add(n, jac.pop(n))
             else:
                 # One jacrev per (sample, item): needed for the per-item norms.
                 n_items = hi - lo
@@ -243,12 +269,15 @@ def per_sample_gradients(unet: torch.nn.Module, scheduler, x_BCHW: torch.Tensor,
                 norm = sq_norm.sqrt()
                 weight = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
                 for n in names:
-                    j = jac[n] * weight.view(*weight.shape, *([1] * (jac[n].ndim - 2)))
-                    grads[n] += j.view(B, n_items, *j.shape[1:]).sum(1).transpose(0, 1)
+                    j = jac.pop(n)
+                    j = j * weight.view(*weight.shape, *([1] * (j.ndim - 2)))
+                    add(n, j.view(B, n_items, *j.shape[1:]).sum(1))
                 loss_I, rho_I = loss_I.view(B, n_items), rho_I.view(B, n_items)
             loss_sum_B += loss_I.to(torch.float64).sum(-1)
             rho_sum_B += rho_I.to(torch.float64).sum(-1)
-    flat_RBP = torch.cat([grads[n].flatten(2) for n in names], dim=2).div_(num_items)
     residual_B = (loss_sum_B / num_items).sqrt().to(dtype)
     rho_B = (rho_sum_B / num_items).to(dtype)
+    if project is not None:
+        return BatchFeatures(None, residual_B, rho_B, feats_RBK.div_(num_items))
+    flat_RBP = torch.cat([grads[n].flatten(2) for n in names], dim=2).div_(num_items)
     return BatchFeatures(flat_RBP, residual_B, rho_B)

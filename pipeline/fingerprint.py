@@ -103,7 +103,7 @@ def open_store(cfg: Config):
     stored = Store.open_existing(path).fingerprint
     train = open_dataset("train", cfg.data.train, data_options(cfg))
     return Store.open(path, fingerprint(cfg, train.digest, len(train), stored), create=False,
-                      wait_s=0)
+                      wait_s=0, train_row_digests=train.row_digests)
 
 
 def check_query_data(cfg: Config, store, names: list[str]) -> None:

@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 import torch
 from tqdm import tqdm
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .config import METHOD_READOUT, Config
 from .errors import ConfigError, StoreError
@@ -56,7 +57,8 @@ def write_rows(group, name: str, value: np.ndarray, fill_value=None):
     """
     chunks = (min(value.shape[0], ROWS_PER_WRITE),) + tuple(min(s, 4096) for s in value.shape[1:])
     arr = group.create_array(name, shape=value.shape, dtype="float64", chunks=chunks,
-                             fill_value=fill_value, overwrite=True)
+                             compressors=[ZstdCodec(), Crc32cCodec()], fill_value=fill_value,
+                             overwrite=True)
     for lo in range(0, value.shape[0], ROWS_PER_WRITE):
         arr[lo:lo + ROWS_PER_WRITE] = value[lo:lo + ROWS_PER_WRITE]
     return arr

@@ -18,11 +18,14 @@ import torch
 from .data import to_uint8
 
 
-def write_topk_csv(folder: Path, query_uids: list[str], train_uids: list[str], best) -> list[Path]:
+def write_topk_csv(folder: Path, query_uids: list[str], train_uids: list[str], best,
+                   skip_queries=()) -> list[Path]:
     """One CSV per method: query_row, query_uid, rank, train_row, train_uid, score.
 
-    ``best`` maps method -> (values (Q, k), train rows (Q, k)).
+    ``best`` maps method -> (values (Q, k), train rows (Q, k)). Rows ``skip_queries`` (excluded
+    queries) and entries without a finite score (fewer scorable training rows than k) are left out.
     """
+    skip = set(skip_queries)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for method, (vals, idx) in best.items():
@@ -31,8 +34,12 @@ def write_topk_csv(folder: Path, query_uids: list[str], train_uids: list[str], b
             w = csv.writer(fh)
             w.writerow(["query_row", "query_uid", "rank", "train_row", "train_uid", "score"])
             for q in range(vals.shape[0]):
+                if q in skip:
+                    continue
                 for rank in range(vals.shape[1]):
                     i = int(idx[q, rank])
+                    if i < 0 or not np.isfinite(float(vals[q, rank])):
+                        continue
                     w.writerow([q, query_uids[q], rank + 1, i, train_uids[i],
                                 f"{float(vals[q, rank]):.9g}"])
         paths.append(path)

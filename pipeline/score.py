@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 from tqdm import tqdm
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .config import METHOD_READOUT, Config
 from .fingerprint import check_query_data, open_store
@@ -43,6 +44,10 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
     check_query_data(cfg, store, names)  # before anything is written
     train_uids = train.uids()
     dtype = train.group["features"][readouts[0]].dtype
+    # Excluded samples (non-finite features, [features] nonfinite = "exclude") get NaN scores
+    # and never enter a top-k.
+    train_excluded = np.zeros(train.num_samples, dtype=bool)
+    train_excluded[train.excluded_rows(train_markers)] = True
     summary = {}
     for name in names:
         started = time.perf_counter()
@@ -55,10 +60,13 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
                 q_feats[r].append(data.features[r])
         q_feats = {r: torch.from_numpy(np.concatenate(v)) for r, v in q_feats.items()}
         Q = qsplit.num_samples
+        q_excluded = np.zeros(Q, dtype=bool)
+        q_excluded[qsplit.excluded_rows(q_markers)] = True
         group = store.root.require_group("scores").require_group(name)
         arrays = {m: group.create_array(m, shape=(Q, train.num_samples), dtype=dtype,
                                         chunks=(min(Q, query_block), train.rows_per_unit),
-                                        overwrite=True) for m in methods}
+                                        compressors=[ZstdCodec(), Crc32cCodec()], overwrite=True)
+                  for m in methods}
         topk = min(cfg.score.topk, train.num_samples)
         best = {m: (torch.full((Q, topk), -torch.inf, dtype=torch.float64),
                     torch.full((Q, topk), -1, dtype=torch.int64)) for m in methods}
@@ -77,20 +85,25 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
                 residual = torch.from_numpy(data.rho if cfg.score.residual == "rho"
                                             else data.residual).to(device)
                 block = score_block(feats, precond, residual, lev, methods, cfg.score.gamma)
+                drop = torch.from_numpy(q_excluded[q_lo:q_hi, None] | train_excluded[None, lo:hi])
                 for m in methods:
-                    scores = block[m].cpu()
+                    scores = block[m].cpu().masked_fill(drop, torch.nan)
                     arrays[m][q_lo:q_hi, lo:hi] = scores.numpy().astype(dtype)
                     val, idx = best[m]
                     val[q_lo:q_hi], idx[q_lo:q_hi] = merge_topk(
-                        val[q_lo:q_hi], idx[q_lo:q_hi], scores.to(torch.float64), lo, topk)
+                        val[q_lo:q_hi], idx[q_lo:q_hi],
+                        scores.to(torch.float64).nan_to_num(nan=-torch.inf), lo, topk)
         group.attrs.update({
             "methods": methods, "damping": cfg.score.damping,
             "damping_absolute": cfg.score.damping_absolute, "lambda": lams,
             "gamma": cfg.score.gamma, "residual": cfg.score.residual,
             "train_digest": markers_digest(train_markers),
             "query_digest": markers_digest(q_markers),
+            "excluded_train_rows": np.flatnonzero(train_excluded).tolist()[:1000],
+            "excluded_query_rows": np.flatnonzero(q_excluded).tolist()[:1000],
             "fingerprint_hash": store.root.attrs["fingerprint_hash"]})
-        paths = write_topk_csv(cfg.reports_dir / name, qsplit.uids(), train_uids, best)
+        paths = write_topk_csv(cfg.reports_dir / name, qsplit.uids(), train_uids, best,
+                               skip_queries=np.flatnonzero(q_excluded).tolist())
         summary[name] = {"seconds": time.perf_counter() - started, "queries": Q,
                          "csv": [str(p) for p in paths]}
     return summary

@@ -31,9 +31,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ATOL = 1e-5
 
 def write_config(path: Path, model: Path, store: Path, rows_per_unit: int = 4) -> Path:
-    """The scale tests' tiny config: 40 train rows, 6 queries, 3 readouts, k = 32 (N >= k:
-    the partial-Gram path)."""
-    return helpers.write_config(path, model, store=store, rows_per_unit=rows_per_unit, dim=32,
+    """The scale tests' tiny config: 40 train rows, 6 queries, 3 readouts, k = 4: N >= k, and
+    each of up to 3 ranks has more than 2 k rows, so partial Grams are smaller than the features
+    they sum and get written (the partial-Gram path)."""
+    return helpers.write_config(path, model, store=store, rows_per_unit=rows_per_unit, dim=4,
                                 gamma=0.0)
 
 

@@ -93,3 +93,27 @@ def test_bf16_autocast_forward_is_close_and_gradients_stay_float32():
     assert mixed.dtype == torch.float32
     rel = ((mixed - full).norm() / full.norm()).item()
     assert 0 < rel < 0.05, f"bf16 autocast relative difference {rel:.3f} (expected (0, 0.05))"
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("kind", ["rademacher", "sjlt"])
+def test_projecting_each_tensor_as_produced_equals_projecting_the_flat_gradients(model64, normalize,
+                                                                                 kind):
+    """The extraction path (``project=``: one copy of per-sample gradients at a time) against the
+    flat path (all gradients, then one projection), float64."""
+    from das_pipeline.kernels import project
+
+    unet, scheduler = model64
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    spec = FeatureSpec(ALL_READOUTS, timesteps=3, noise_draws=1, seed=2, normalize=normalize,
+                       dtype=torch.float64)
+    flat = per_sample_gradients(unet, scheduler, x, UIDS, spec, items_per_pass=2)
+    R, B, P = flat.grads_RBP.shape
+    want = project(flat.grads_RBP.reshape(R * B, P), 64, 0, kind, backend="reference").view(R, B, -1)
+    streamed = per_sample_gradients(unet, scheduler, x, UIDS, spec, items_per_pass=2,
+                                    project=lambda g, off: project(g, 64, 0, kind, row_offset=off,
+                                                                   backend="reference"))
+    assert streamed.grads_RBP is None
+    rel = ((streamed.feats_RBK - want).norm() / want.norm()).item()
+    assert rel < 1e-12, f"{kind}, normalize={normalize}: relative error {rel:.2e}"
+    torch.testing.assert_close(streamed.residual_B, flat.residual_B)

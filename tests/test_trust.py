@@ -171,3 +171,72 @@ def test_lds_eval_refuses_k_truncation_of_a_sparse_projection(tmp_path, tiny_mod
     code, _, err = cli(capsys, "lds", "eval", cfg_path, "--subsets", subsets, "--truth", truth,
                        "--sweep", "--k", "32")
     assert code == 2 and "smaller projection only for the dense" in err, err
+
+
+def test_a_nan_training_row_is_named_and_the_rerun_ends_the_same_way(tmp_path, tiny_model_dir,
+                                                                    arrays, capsys):
+    """Non-finite features were committed and marked, and every later read said "run
+    `das verify --fix`", which re-extracted the same NaN: the user looped."""
+    import time
+
+    x = np.load(arrays / "train.npy").astype(np.float32) / 127.5 - 1
+    x[5, 0, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    cfg_path = example_config(tmp_path / "nan.toml", "digits", model=str(tiny_model_dir),
+                              train=str(tmp_path / "nan.npy"),
+                              queries={"val": str(arrays / "val.npy")},
+                              store=str(tmp_path / "nan.zarr"), timesteps=2, dim=64)
+    for _ in range(2):
+        started = time.monotonic()
+        code, _, err = cli(capsys, "extract", cfg_path)
+        assert code == 2 and "'5'" in err and "nonfinite" in err, err
+        assert "Traceback" not in err
+        assert time.monotonic() - started < 60
+
+
+def test_excluded_samples_are_listed_and_left_out_of_the_scores(tmp_path, tiny_model_dir, arrays,
+                                                                 capsys):
+    x = np.load(arrays / "train.npy").astype(np.float32) / 127.5 - 1
+    x[5, 0, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    cfg_path = example_config(tmp_path / "nan.toml", "digits", model=str(tiny_model_dir),
+                              train=str(tmp_path / "nan.npy"),
+                              queries={"val": str(arrays / "val.npy")},
+                              store=str(tmp_path / "nan.zarr"), timesteps=2, dim=64)
+    cfg_path.write_text(cfg_path.read_text().replace("[features]", '[features]\nnonfinite = "exclude"'))
+    code, _, err = cli(capsys, "run", cfg_path)
+    assert code == 0, err
+    code, out, _ = cli(capsys, "status", cfg_path)
+    assert "excluded (non-finite features): 1 samples: 5" in out, out
+    cfg = load_config(cfg_path)
+    for method in METHODS:
+        scores = read_scores(cfg.store.path, "val", method)
+        assert np.isnan(scores[:, 5]).all() and np.isfinite(np.delete(scores, 5, axis=1)).all()
+        csv = (cfg.reports_dir / "val" / f"{method}_topk.csv").read_text().splitlines()[1:]
+        assert csv and all(line.split(",")[3] != "5" for line in csv)
+
+
+def test_changed_training_images_are_named_and_replace_split_recovers(tmp_path, tiny_model_dir,
+                                                                      capsys):
+    """A folder's identity was file names + sizes: swapping two same-size PNGs' contents was not
+    noticed and the old features were reused."""
+    folder = tmp_path / "train_png"
+    folder.mkdir()
+    for i, img in enumerate(digits_array()[:32]):
+        Image.fromarray(img[0]).save(folder / f"t{i:02d}.png")
+    cfg_path = example_config(tmp_path / "png.toml", "digits", model=str(tiny_model_dir),
+                              train=str(folder), queries={"val": "digits[1500:1508]"},
+                              store=str(tmp_path / "png.zarr"), timesteps=2, dim=64)
+    assert main(["run", str(cfg_path), "--quiet"]) == 0
+    sizes = {}
+    for p in sorted(folder.glob("*.png")):
+        sizes.setdefault(p.stat().st_size, []).append(p)
+    a, b = next(v for v in sizes.values() if len(v) >= 2 and v[0].read_bytes() != v[1].read_bytes())[:2]
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    code, _, err = cli(capsys, "score", cfg_path)
+    assert code == 2 and a.name in err and b.name in err and "--replace-split train" in err, err
+    code, _, err = cli(capsys, "extract", cfg_path, "--replace-split", "train")
+    assert code == 0, err
+    assert main(["run", str(cfg_path), "--quiet"]) == 0
