@@ -322,7 +322,7 @@ class Store:
         return cls(path, root)
 
     @classmethod
-    def _open_root(cls, path: Path) -> Store:
+    def _open_root(cls, path: Path, foreign: bool = False) -> Store:
         try:
             root = zarr.open_group(path, mode="r+")
             attrs = root.attrs.asdict()
@@ -330,6 +330,8 @@ class Store:
             raise StoreError(f"the root metadata {path / 'zarr.json'} of store {path} is "
                              f"unreadable ({type(err).__name__}); `das verify CONFIG` says how "
                              f"to proceed") from None
+        if foreign and "format_version" not in attrs and "fingerprint" not in attrs:
+            return cls(path, root)
         if attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"store {path} has format {attrs.get('format_version')}, this version "
                              f"reads format {FORMAT_VERSION}; use a new [store] path")
@@ -359,8 +361,12 @@ class Store:
                          f"them; query features are kept), or use a new [store] path.")
 
     @classmethod
-    def open_existing(cls, path: str | Path) -> Store:
+    def open_existing(cls, path: str | Path, foreign: bool = False) -> Store:
         """Open without a fingerprint check (read-side tools: status, reduce, score).
+
+        ``foreign=True`` also accepts a plain zarr group that this package did not make (no
+        format or fingerprint attribute): `das lds eval` reads ``scores/<set>/<method>`` arrays
+        written by other tools in the documented layout, and nothing else of it.
 
         Raises:
             StoreError: no store there, unreadable root metadata, or another format.
@@ -368,7 +374,7 @@ class Store:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise StoreError(f"no feature store at {path}; run `das extract CONFIG` first")
-        return cls._open_root(path)
+        return cls._open_root(path, foreign)
 
     @property
     def fingerprint(self) -> dict:

@@ -81,7 +81,7 @@ def dense_projection(num_params, dim, seed):
 
 
 def brute_scores(train_feats, query_feats, residual, damping, gamma=1.0):
-    """DESIGN.md section 1 formulas with dense float64 solves. Inputs are dicts readout -> (n, k)."""
+    """docs/DESIGN.md "Scores" formulas with dense float64 solves. Inputs are dicts readout -> (n, k)."""
     out = {}
     solved = {}
     for r, phi in train_feats.items():

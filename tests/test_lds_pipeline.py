@@ -35,7 +35,7 @@ def test_stored_scores_are_read_in_column_blocks(tmp_path):
     root.require_group("scores").require_group("val").create_array(
         "trak", shape=(5, 23), dtype="float64")[...] = rng.standard_normal((5, 23))
     mask, F = rng.random((9, 23)) < 0.5, rng.standard_normal((9, 5))
-    store = Store.open_existing(tmp_path / "s.zarr")
+    store = Store.open_existing(tmp_path / "s.zarr", foreign=True)
     whole = eval_stored_scores(store, "val", None, mask, F, None, [], column_block=10**6)
     blocks = eval_stored_scores(store, "val", None, mask, F, None, [], column_block=7)
     np.testing.assert_allclose(blocks["trak"]["per_query"], whole["trak"]["per_query"], atol=1e-12)

@@ -16,37 +16,62 @@ from helpers import brute_scores, dense_projection, loop_gradients
 METHODS = ("trak", "dtrak", "das", "das_signed")
 
 
-@pytest.fixture(scope="module")
-def brute(tiny_model_dir):
-    """Brute-force scores for train digits[0:24], queries digits[100:104], K=2, k=32."""
+CASES = {
+    # N < k with a small damping and the leave-one-out correction on: the thin-factor path
+    "N<k": dict(train="digits[0:24]", dim=32, damping=0.01, gamma=1.0),
+    # N >= k at the default score settings (relative damping 1.0, gamma 0): the k x k path
+    "N>=k, defaults": dict(train="digits[0:40]", dim=16, damping=None, gamma=None),
+}
+_BRUTE: dict = {}
+
+
+def brute(tiny_model_dir, case: str, noise: str):
+    """Brute-force scores of one case (queries digits[100:104], K = 2): a for-loop of
+    backward() per sample and item, a dense float64 projection, dense float64 solves."""
+    if (case, noise) in _BRUTE:
+        return _BRUTE[case, noise]
+    from das_pipeline.config import ScoreConfig
+    from das_pipeline.features import FeatureSpec, noise_keys
+
+    c = CASES[case]
     model = load_model(tiny_model_dir)
     unet = model.unet.double()
-    spec_cfg = dict(readouts=("loss", "square", "mean"), timesteps=2, noise_draws=1, seed=0,
-                    normalize=False)
-    from das_pipeline.features import FeatureSpec
+    spec = FeatureSpec(("loss", "square", "mean"), timesteps=2, noise_draws=1, seed=0,
+                       normalize=False, dtype=torch.float64)
+    train, queries = open_dataset("train", c["train"]), open_dataset("q", "digits[100:104]")
+    x_train, x_query = train.load(0, len(train)), queries.load(0, 4)
+    g_train, r_train = loop_gradients(unet, model.scheduler, x_train, noise_keys(noise, x_train),
+                                      spec)
+    g_query, _ = loop_gradients(unet, model.scheduler, x_query, noise_keys(noise, x_query), spec)
+    proj = dense_projection(g_train.shape[2], c["dim"], 0)
+    feats = {r: g_train[i] @ proj for i, r in enumerate(spec.readouts)}
+    qfeats = {r: g_query[i] @ proj for i, r in enumerate(spec.readouts)}
+    damping = ScoreConfig.damping if c["damping"] is None else c["damping"]
+    gamma = ScoreConfig.gamma if c["gamma"] is None else c["gamma"]
+    _BRUTE[case, noise] = brute_scores(feats, qfeats, r_train, damping=damping, gamma=gamma)
+    return _BRUTE[case, noise]
 
-    spec = FeatureSpec(**spec_cfg, dtype=torch.float64)
-    train, queries = open_dataset("train", "digits[0:24]"), open_dataset("q", "digits[100:104]")
-    g_train, r_train = loop_gradients(unet, model.scheduler, train.load(0, 24), None, spec)
-    g_query, _ = loop_gradients(unet, model.scheduler, queries.load(0, 4), None, spec)
-    proj = dense_projection(g_train.shape[2], 32, 0)
-    names = spec.readouts
-    feats = {r: g_train[i] @ proj for i, r in enumerate(names)}
-    qfeats = {r: g_query[i] @ proj for i, r in enumerate(names)}
-    return brute_scores(feats, qfeats, r_train, damping=0.01)
 
-
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-6), ("float32", 1e-4)])
-def test_pipeline_scores_equal_brute_force(make_config, brute, dtype, tolerance):
-    cfg = load_config(make_config(train="digits[0:24]", queries={"q": "digits[100:104]"},
-                                  timesteps=2, dim=32, rows_per_unit=8, batch_size=5,
-                                  dtype=dtype, methods=METHODS))
+def test_pipeline_scores_equal_brute_force(make_config, tiny_model_dir, case, dtype, tolerance):
+    c = CASES[case]
+    overrides = {k: c[k] for k in ("damping", "gamma") if c[k] is not None}
+    path = make_config(train=c["train"], queries={"q": "digits[100:104]"}, timesteps=2,
+                       dim=c["dim"], rows_per_unit=8, batch_size=5, dtype=dtype, methods=METHODS,
+                       **overrides)
+    if c["damping"] is None:  # the defaults: drop the test helper's damping and gamma
+        text = path.read_text()
+        path.write_text("\n".join(line for line in text.splitlines()
+                                  if not line.startswith(("damping =", "gamma ="))) + "\n")
+    cfg = load_config(path)
     assert feature_spec(cfg).dtype == getattr(torch, dtype)
     run_extract(cfg, show_progress=False)
     run_reduce(cfg, show_progress=False)
     run_score(cfg, show_progress=False)
+    want_all = brute(tiny_model_dir, case, cfg.features.noise)
     for method in METHODS:
         got = torch.from_numpy(read_scores(cfg.store.path, "q", method).astype(np.float64))
-        want = brute[method]
+        want = want_all[method]
         rel = ((got - want).norm() / want.norm()).item()
-        assert rel < tolerance, f"{method} ({dtype}): relative error {rel:.2e} >= {tolerance:g}"
+        assert rel < tolerance, f"{method} ({case}, {dtype}): relative error {rel:.2e} >= {tolerance:g}"

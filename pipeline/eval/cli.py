@@ -75,7 +75,7 @@ def _open_store(target: str):
         from ..fingerprint import open_store
 
         return open_store(_config(path))
-    return Store.open_existing(path)
+    return Store.open_existing(path, foreign=True)
 
 
 def _truth_files(truth: Path, query_sets: list[str] | None) -> dict[str, Path]:
