@@ -32,11 +32,13 @@ FULL = {
     "timesteps": [10, 50], "dims": [512, 2048, 8192], "batch_size": 64, "rows_per_unit": 64,
     "cf_queries": [0, 1, 2], "cf_fraction": 0.1,
 }
+# The CI miniature: small, yet with enough subsets (32) and queries (20) that the LDS of `das`
+# on val is clearly above random (tests/test_lds_pipeline.py asserts it with a margin).
 MINI = {
-    "train": "digits[0:40]", "val": "digits[1500:1510]", "num_generated": 10, "gen_seed": 1000,
-    "recipe": {"widths": [8, 16], "attention": False, "num_train_timesteps": 100, "steps": 15,
+    "train": "digits[0:40]", "val": "digits[1500:1520]", "num_generated": 20, "gen_seed": 1000,
+    "recipe": {"widths": [8, 16], "attention": False, "num_train_timesteps": 100, "steps": 40,
                "batch_size": 32, "lr": 3e-3, "seed": 0},
-    "sample_steps": 20, "num_subsets": 8, "truth_timesteps": 10,
+    "sample_steps": 20, "num_subsets": 32, "truth_timesteps": 10,
     "timesteps": [2, 4], "dims": [16, 32, 64], "batch_size": 25, "rows_per_unit": 20,
     "cf_queries": [0], "cf_fraction": 0.1,
 }
