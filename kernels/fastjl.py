@@ -5,7 +5,7 @@ GPU's multiprocessor count, so the same seed gives different projections on diff
 no CPU code reproduces it. Features made with it are therefore tagged with their own identity
 (``identity``: RNG "fast-jl/curand-xorwow" and the SM count) and are never mixed with ours.
 
-What the adapter fixes around the kernel (see /work/shared/ANCHORS.md):
+What the adapter fixes around the kernel (the defects traker users meet with it):
 - the dimension must be a multiple of 512, the seed below 2**32: checked up front, with the fix;
 - the matrix changes with chunking, so ``row_offset`` must be 0 (one call per whole vector);
 - inputs are never cast to fp16 unscaled: fp32 and bf16 are passed as fp32 (recent fast-jl reads
