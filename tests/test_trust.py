@@ -173,19 +173,23 @@ def test_lds_eval_refuses_k_truncation_of_a_sparse_projection(tmp_path, tiny_mod
     assert code == 2 and "smaller projection only for the dense" in err, err
 
 
+def nan_row_config(tmp_path, tiny_model_dir, arrays):
+    """The digits example with a NaN in training row 5 (train and val as separate arrays)."""
+    x = np.load(arrays / "train.npy").astype(np.float32) / 127.5 - 1
+    x[5, 0, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    return example_config(tmp_path / "nan.toml", "digits", model=str(tiny_model_dir),
+                          train=str(tmp_path / "nan.npy"), queries={"val": str(arrays / "val.npy")},
+                          store=str(tmp_path / "nan.zarr"), timesteps=2, dim=64)
+
+
 def test_a_nan_training_row_is_named_and_the_rerun_ends_the_same_way(tmp_path, tiny_model_dir,
                                                                     arrays, capsys):
     """Non-finite features were committed and marked, and every later read said "run
     `das verify --fix`", which re-extracted the same NaN: the user looped."""
     import time
 
-    x = np.load(arrays / "train.npy").astype(np.float32) / 127.5 - 1
-    x[5, 0, 3, 3] = np.nan
-    np.save(tmp_path / "nan.npy", x)
-    cfg_path = example_config(tmp_path / "nan.toml", "digits", model=str(tiny_model_dir),
-                              train=str(tmp_path / "nan.npy"),
-                              queries={"val": str(arrays / "val.npy")},
-                              store=str(tmp_path / "nan.zarr"), timesteps=2, dim=64)
+    cfg_path = nan_row_config(tmp_path, tiny_model_dir, arrays)
     for _ in range(2):
         started = time.monotonic()
         code, _, err = cli(capsys, "extract", cfg_path)
@@ -196,13 +200,7 @@ def test_a_nan_training_row_is_named_and_the_rerun_ends_the_same_way(tmp_path, t
 
 def test_excluded_samples_are_listed_and_left_out_of_the_scores(tmp_path, tiny_model_dir, arrays,
                                                                  capsys):
-    x = np.load(arrays / "train.npy").astype(np.float32) / 127.5 - 1
-    x[5, 0, 3, 3] = np.nan
-    np.save(tmp_path / "nan.npy", x)
-    cfg_path = example_config(tmp_path / "nan.toml", "digits", model=str(tiny_model_dir),
-                              train=str(tmp_path / "nan.npy"),
-                              queries={"val": str(arrays / "val.npy")},
-                              store=str(tmp_path / "nan.zarr"), timesteps=2, dim=64)
+    cfg_path = nan_row_config(tmp_path, tiny_model_dir, arrays)
     cfg_path.write_text(cfg_path.read_text().replace("[features]", '[features]\nnonfinite = "exclude"'))
     code, _, err = cli(capsys, "run", cfg_path)
     assert code == 0, err
