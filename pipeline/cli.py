@@ -63,8 +63,18 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import run_report
+
+    r = run_report(_config(args.config), args.query_set or None, args.method or None,
+                   Path(args.out) if args.out else None,
+                   lds=Path(args.lds) if args.lds else None)
+    print(f"report: {len(r['pages'])} pages in {r['seconds']:.1f} s -> {r['index']}")
+    return 0
+
+
 def cmd_run(args) -> int:
-    for step in (cmd_extract, cmd_reduce, cmd_score):
+    for step in (cmd_extract, cmd_reduce, cmd_score, cmd_report):
         step(args)
     return 0
 
@@ -146,9 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(require), or always stream (ignore)")
     p = add("score", cmd_score, "score query sets against the training set; writes top-k CSVs")
     p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
-    p = add("run", cmd_run, "extract, reduce and score")
+    p = add("report", cmd_report, "write the HTML report of a scored run (pages of 50 queries, "
+            "each beside its top-k per method, with PNG contact sheets)")
+    p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
+    p.add_argument("--method", action="append", help="only this method (repeatable)")
+    p.add_argument("--out", help="output folder (default: the store's reports folder)")
+    p.add_argument("--lds", help="a `das lds eval --json` file whose LDS the report shows "
+                   "(default: <reports>/lds.json when present)")
+    p = add("run", cmd_run, "extract, reduce, score and write the report")
     p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto",
-                   replace_split=None)
+                   replace_split=None, method=None, out=None, lds=None)
     p = add("status", cmd_status, "units done per split, rate, ETA, stale units")
     p.add_argument("--stale-after", type=float, default=1800.0,
                    help="seconds after which an unmarked claim counts as stale (default 1800)")
