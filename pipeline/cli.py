@@ -73,6 +73,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_attribute(args) -> int:
+    import json
+
+    from .attribute import answer, run_attribute
+
+    result, page, seconds = run_attribute(_config(args.config), [Path(p) for p in args.image],
+                                          args.prompt, args.topk)
+    if args.json:
+        print(json.dumps(answer(result)))
+        return 0
+    for query in result["queries"]:
+        print(f"attribute: {query['image']}")
+        for m, entries in query["methods"].items():
+            print(f"  {m:<10} " + "  ".join(f"{e['rank']}. {e['train_uid']} ({e['score']:.4g})"
+                                           for e in entries))
+    print(f"attribute: {len(result['queries'])} image(s) in {seconds:.1f} s -> {page}")
+    return 0
+
+
 def cmd_run(args) -> int:
     for step in (cmd_extract, cmd_reduce, cmd_score, cmd_report):
         step(args)
@@ -163,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the store's reports folder)")
     p.add_argument("--lds", help="a `das lds eval --json` file whose LDS the report shows "
                    "(default: <reports>/lds.json when present)")
+    p = add("attribute", cmd_attribute, "top-k training images of new image files against the "
+            "reduced store (no config edit); prints them and writes a page into the reports folder")
+    p.add_argument("image", nargs="+", help="PNG/JPEG image files")
+    p.add_argument("--prompt", help="the images' prompt (text-conditioned models)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON only")
+    p.add_argument("--topk", type=int, help="entries per method (default: [score] topk)")
     p = add("run", cmd_run, "extract, reduce, score and write the report")
     p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto",
                    replace_split=None, method=None, out=None, lds=None)
