@@ -47,7 +47,11 @@ def cmd_reduce(args) -> int:
     from .reduce import run_reduce
 
     for readout, s in run_reduce(_config(args.config), show_progress=not args.quiet,
-                                 partials=args.partials).items():
+                                 partials=args.partials, force=args.force).items():
+        if s["reused"]:
+            print(f"reduce: {readout}: reused the stored factor (train features and settings "
+                  f"unchanged; trace {s['trace']:.4g}); --force recomputes it")
+            continue
         print(f"reduce: {readout}: trace {s['trace']:.4g}, numerical rank {s['rank']}, "
               f"{s['seconds']:.1f} s ({s['source']}; {s['factor']})")
     return 0
@@ -173,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sum the ranks' partial Grams when N >= k and they cover every unit "
                    "exactly once (auto, default: else stream the store), insist on them "
                    "(require), or always stream (ignore)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute factors even when the stored ones are current")
     p = add("score", cmd_score, "score query sets against the training set; writes top-k CSVs")
     p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
     p = add("report", cmd_report, "write the HTML report of a scored run (pages of 50 queries, "
@@ -189,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the answer as JSON only")
     p.add_argument("--topk", type=int, help="entries per method (default: [score] topk)")
     p = add("run", cmd_run, "extract, reduce, score and write the report")
+    p.add_argument("--force", action="store_true",
+                   help="recompute the reduce even when the stored factors are current")
     p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto",
                    replace_split=None, method=None, out=None, lds=None)
     p = add("status", cmd_status, "units done per split, rate, ETA, stale units")

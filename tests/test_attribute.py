@@ -1,0 +1,59 @@
+"""`das attribute`: new images give the top-k `das score` gives them in a query set."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from das_pipeline.cli import main
+from das_pipeline.config import load_config
+from das_pipeline.data import digits_array
+from das_pipeline.report import read_topk_csv
+
+
+def write_pngs(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in rows:
+        Image.fromarray(digits_array()[i, 0]).save(folder / f"digit{i}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def test_attribute_equals_score_of_the_same_images_in_a_query_set(make_config, tmp_path, capsys):
+    pngs = write_pngs(tmp_path / "queries", (300, 301, 302))
+    cfg_path = make_config(queries={"new": tmp_path / "queries"})
+    assert main(["run", str(cfg_path), "--quiet"]) == 0
+    cfg = load_config(cfg_path)
+    capsys.readouterr()
+    assert main(["attribute", str(cfg_path), *map(str, pngs), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [q["image"] for q in got["queries"]] == [p.name for p in pngs]
+    for m in cfg.score.methods:
+        vals, rows = read_topk_csv(cfg.reports_dir / "new" / f"{m}_topk.csv", len(pngs))
+        for q, query in enumerate(got["queries"]):
+            entries = query["methods"][m]
+            assert [e["rank"] for e in entries] == list(range(1, cfg.score.topk + 1))
+            assert [e["train_row"] for e in entries] == rows[q].tolist(), (m, q)
+            assert [e["train_uid"] for e in entries] == [str(r) for r in rows[q]]
+            np.testing.assert_allclose([e["score"] for e in entries], vals[q], rtol=1e-6,
+                                       err_msg=f"{m} query {q}: attribute vs score, rel 1e-6")
+    pages = list((cfg.reports_dir / "attribute").glob("*.html"))
+    assert len(pages) == 1 and pages[0].with_suffix(".png").is_file()
+    assert not [p for p in (cfg.reports_dir / "attribute").iterdir() if p.is_dir()]  # temp gone
+
+
+def test_attribute_refuses_wrong_size_and_non_images_by_name(make_config, tmp_path, capsys):
+    cfg_path = make_config()
+    assert main(["run", str(cfg_path), "--quiet"]) == 0
+    big = tmp_path / "big.png"
+    Image.new("L", (16, 16)).save(big)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    capsys.readouterr()
+    assert main(["attribute", str(cfg_path), str(big), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "16x16 images but the model takes 8x8" in err and "upload-" not in err
+    assert main(["attribute", str(cfg_path), str(text)]) == 2
+    assert "'notes.png' is not a PNG or JPEG file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["attribute", str(cfg_path)])  # an image is required
