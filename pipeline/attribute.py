@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -116,10 +117,10 @@ class Attributor:
                 inputs = unit_inputs(self.job, None, ds, 0, {})
                 data = unit_features(self.job, self.unet, ds, 0, len(ds), inputs=inputs)
                 pixels = ds.load(0, len(ds))
+                feats = {r: torch.from_numpy(data.features[r]) for r in self.scorer.readouts}
+                best = self.scorer.topk(feats, data.excluded, k)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        feats = {r: torch.from_numpy(data.features[r]) for r in self.scorer.readouts}
-        best = self.scorer.topk(feats, data.excluded, k)
         uids = self.scorer.train_uids
         queries = []
         for q, (name, _) in enumerate(images):
@@ -159,8 +160,6 @@ class Attributor:
         sheet = contact_sheet(rows, thumbs.path, page.with_suffix(".png"))
 
         def href(path):
-            import os
-
             return os.path.relpath(path, page.parent).replace(os.sep, "/")
 
         page.write_text(html_page("attribution", f"<h1>attribution of {len(rows)} image(s)</h1>"

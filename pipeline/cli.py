@@ -96,6 +96,13 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import run_serve
+
+    run_serve(_config(args.config), args.host, args.port)
+    return 0
+
+
 def cmd_run(args) -> int:
     for step in (cmd_extract, cmd_reduce, cmd_score, cmd_report):
         step(args)
@@ -194,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the images' prompt (text-conditioned models)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON only")
     p.add_argument("--topk", type=int, help="entries per method (default: [score] topk)")
+    p = add("serve", cmd_serve, "a local page and JSON API (POST /api/attribute) that attribute "
+            "uploaded images; model and factors stay loaded")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
+                   "this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p = add("run", cmd_run, "extract, reduce, score and write the report")
     p.add_argument("--force", action="store_true",
                    help="recompute the reduce even when the stored factors are current")

@@ -18,6 +18,8 @@ Images come in as float [-1, 1] (C, H, W) and are drawn as uint8 tiles enlarged 
 from __future__ import annotations
 
 import csv
+import os
+import threading
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -107,7 +109,7 @@ class Thumbs:
         path = self.folder / f"{row}-{self.ds.row_digests[row][:12]}.png"
         if not path.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.png")
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp.png")
             thumbnail(to_uint8(self.ds.load(row, row + 1))[0]).save(tmp)
             tmp.replace(path)  # a concurrent page never reads half a file
         return path
@@ -350,7 +352,6 @@ def run_report(cfg, query_sets: list[str] | None = None, methods: list[str] | No
         StoreError: fingerprint mismatch, stale query data, or a query set not yet scored.
         ConfigError: an unknown query set or method.
     """
-    import os
     import time
 
     from .data import open_dataset
