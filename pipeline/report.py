@@ -371,7 +371,6 @@ def run_report(cfg, query_sets: list[str] | None = None, methods: list[str] | No
     lds = lds or (cfg.reports_dir / "lds.json" if (cfg.reports_dir / "lds.json").is_file() else None)
     lds_values = read_lds(lds) if lds else None
     train = open_dataset("train", cfg.data.train, data_options(cfg))
-    train_thumbs = Thumbs(out / "thumbs" / "train", train)
     index = ["<h1>attribution report</h1>"]
     pages = []
     for name in names:
@@ -387,37 +386,49 @@ def run_report(cfg, query_sets: list[str] | None = None, methods: list[str] | No
                                      f"`das score CONFIG --query-set {name}` first")
         top = {m: tables["topk", m] for m in methods}
         bottom = {m: tables["opponents", m] for m in methods if ("opponents", m) in tables}
-        q_thumbs = Thumbs(out / "thumbs" / name, qs)
-        num_pages = max(1, -(-len(qs) // per_page))
-        links = []
-        for p in range(num_pages):
-            lo, hi = p * per_page, min(len(qs), (p + 1) * per_page)
-            page = out / name / f"page-{p + 1:03d}.html"
-            rows = rows_from_best([f"{name} {u}" for u in qs.uids[lo:hi]],
-                                  [q_thumbs.path(q) for q in range(lo, hi)],
-                                  None if qs.captions is None else qs.captions[lo:hi],
-                                  {m: (v[lo:hi], i[lo:hi]) for m, (v, i) in top.items()},
-                                  {m: (v[lo:hi], i[lo:hi]) for m, (v, i) in bottom.items()},
-                                  train.uids)
-            sheet = contact_sheet(rows, train_thumbs.path, page.with_suffix(".png"))
-
-            def href(path, page=page):
-                return escape(os.path.relpath(path, page.parent).replace(os.sep, "/"))
-
-            nav = ["<nav><a href='../index.html'>index</a>"]
-            if p:
-                nav.append(f"<a href='page-{p:03d}.html'>previous</a>")
-            if p + 1 < num_pages:
-                nav.append(f"<a href='page-{p + 2:03d}.html'>next</a>")
-            nav.append(f"<a href='{href(sheet)}'>contact sheet (PNG)</a></nav>")
-            body = (f"<h1>{escape(name)}: queries {lo + 1}-{hi} of {len(qs)}</h1>{''.join(nav)}"
-                    f"{rows_html(with_thumbs(rows, train_thumbs.path), href)}{''.join(nav)}")
-            page.parent.mkdir(parents=True, exist_ok=True)
-            page.write_text(html_page(f"{name} page {p + 1}", body))
-            pages.append(page)
-            links.append(f"<a href='{escape(name)}/{page.name}'>{p + 1}</a>")
+        set_pages = write_query_pages(out, name, qs, train, top, bottom, per_page)
+        pages += set_pages
+        links = [f"<a href='{escape(name)}/{page.name}'>{p + 1}</a>"
+                 for p, page in enumerate(set_pages)]
         index.append(f"<h2>{escape(name)} ({len(qs)} queries)</h2><p>pages: {' '.join(links)}</p>")
     index.append(settings_html(run_settings(cfg, store), lds_values))
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(html_page("attribution report", "".join(index)))
     return {"index": out / "index.html", "pages": pages, "seconds": time.perf_counter() - started}
+
+
+def write_query_pages(out: Path, name: str, qs, train, top: dict, bottom: dict,
+                      per_page: int = PER_PAGE) -> list[Path]:
+    """Pages ``<out>/<name>/page-NNN.html`` (+ a contact sheet .png each) of ``per_page``
+    queries of dataset ``qs``; ``top`` / ``bottom``: method -> (scores (Q, k), train rows (Q, k))
+    of proponents / opponents. Thumbnails come from (or go to) ``<out>/thumbs``."""
+    train_thumbs = Thumbs(out / "thumbs" / "train", train)
+    q_thumbs = Thumbs(out / "thumbs" / name, qs)
+    num_pages = max(1, -(-len(qs) // per_page))
+    pages = []
+    for p in range(num_pages):
+        lo, hi = p * per_page, min(len(qs), (p + 1) * per_page)
+        page = out / name / f"page-{p + 1:03d}.html"
+        rows = rows_from_best([f"{name} {u}" for u in qs.uids[lo:hi]],
+                              [q_thumbs.path(q) for q in range(lo, hi)],
+                              None if qs.captions is None else qs.captions[lo:hi],
+                              {m: (v[lo:hi], i[lo:hi]) for m, (v, i) in top.items()},
+                              {m: (v[lo:hi], i[lo:hi]) for m, (v, i) in bottom.items()},
+                              train.uids)
+        sheet = contact_sheet(rows, train_thumbs.path, page.with_suffix(".png"))
+
+        def href(path, page=page):
+            return escape(os.path.relpath(path, page.parent).replace(os.sep, "/"))
+
+        nav = ["<nav><a href='../index.html'>index</a>"]
+        if p:
+            nav.append(f"<a href='page-{p:03d}.html'>previous</a>")
+        if p + 1 < num_pages:
+            nav.append(f"<a href='page-{p + 2:03d}.html'>next</a>")
+        nav.append(f"<a href='{href(sheet)}'>contact sheet (PNG)</a></nav>")
+        body = (f"<h1>{escape(name)}: queries {lo + 1}-{hi} of {len(qs)}</h1>{''.join(nav)}"
+                f"{rows_html(with_thumbs(rows, train_thumbs.path), href)}{''.join(nav)}")
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(html_page(f"{name} page {p + 1}", body))
+        pages.append(page)
+    return pages
