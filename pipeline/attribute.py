@@ -26,6 +26,7 @@ import torch
 
 from .config import Config
 from .data import check_matches_model, open_dataset, to_uint8
+from .digests import uncached
 from .errors import DataError
 from .extract import Job, load_feature_model, to_devices, unit_features, unit_inputs
 from .fingerprint import data_options, open_store
@@ -77,6 +78,7 @@ class Attributor:
         self.unet = to_devices(self.job, "cpu")
         self.lock = threading.Lock()
         self.folder = cfg.reports_dir / "attribute"
+        self._train = None
 
     @property
     def conditional(self) -> bool:
@@ -108,12 +110,13 @@ class Attributor:
                     json.dumps({"file_name": n, self.cfg.data.caption_column: prompt}) + "\n"
                     for n in names))
             try:
-                ds = open_dataset("attribute", str(tmp), data_options(self.cfg))
+                with uncached():  # temporary files: nothing goes into the user's file cache
+                    ds = open_dataset("attribute", str(tmp), data_options(self.cfg))
                 check_matches_model(ds, self.job.model.sample_shape, self.conditional)
             except DataError as err:  # name the user's images, not the temporary folder
                 raise type(err)(str(err).replace(f"dataset 'attribute' ({tmp})", "the image(s)")
                                 .replace(str(tmp) + "/", "")) from None
-            with self.lock:
+            with self.lock, uncached():
                 inputs = unit_inputs(self.job, None, ds, 0, {})
                 data = unit_features(self.job, self.unet, ds, 0, len(ds), inputs=inputs)
                 pixels = ds.load(0, len(ds))
@@ -137,8 +140,9 @@ class Attributor:
         """Picture and HTML page of a result under ``<reports>/attribute/<digest>.html``."""
         from .report import Row, Thumbs, contact_sheet, html_page, rows_html, thumbnail, with_thumbs
 
-        train = open_dataset("train", self.cfg.data.train, data_options(self.cfg))
-        thumbs = Thumbs(self.cfg.reports_dir / "thumbs" / "train", train)
+        if self._train is None:  # opened once (a folder's files are hashed or looked up)
+            self._train = open_dataset("train", self.cfg.data.train, data_options(self.cfg))
+        thumbs = Thumbs(self.cfg.reports_dir / "thumbs" / "train", self._train)
         u8 = to_uint8(result["_pixels"])
         stem = hashlib.sha256(u8.tobytes() + str(result["_prompt"]).encode()).hexdigest()[:16]
         page = self.folder / f"{stem}.html"

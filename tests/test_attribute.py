@@ -57,3 +57,43 @@ def test_attribute_refuses_wrong_size_and_non_images_by_name(make_config, tmp_pa
     assert "'notes.png' is not a PNG or JPEG file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["attribute", str(cfg_path)])  # an image is required
+
+
+def test_text_conditioned_attribute_takes_the_prompt_and_equals_score(tmp_path, capsys):
+    """Tiny Stable Diffusion + LoRA: an image with its prompt gives the top-k of `das score`;
+    without a prompt it is refused; the report shows the captions."""
+    import tomllib
+
+    from das_pipeline.config import dump_toml
+    from helpers import example_config
+    from tiny_sd import build_captioned_folder, build_lora, build_pipeline
+
+    pipe = build_pipeline(tmp_path / "sd")
+    from diffusers import UNet2DConditionModel
+
+    lora = build_lora(UNet2DConditionModel.from_pretrained(pipe / "unet"), tmp_path / "lora")
+    images = build_captioned_folder(tmp_path / "images", 16)
+    cfg_path = example_config(tmp_path / "sd.toml", "sd_lora", model=str(pipe), train=str(images),
+                              queries={"self": f"{images}[0:2]"}, timesteps=2, batch_size=8,
+                              dim=32, store=str(tmp_path / "sd.zarr"), rows_per_unit=8, topk=3,
+                              drop=[("data", "center_crop"), ("features", "vmap_chunk_size")])
+    raw = tomllib.loads(cfg_path.read_text())
+    raw["data"]["resize"], raw["model"]["lora"] = False, str(lora)
+    cfg_path.write_text(dump_toml(raw))
+    assert main(["run", str(cfg_path), "--quiet"]) == 0
+    cfg = load_config(cfg_path)
+    captions = [json.loads(line)["text"] for line in
+                (images / "metadata.jsonl").read_text().splitlines()]
+    page = (cfg.reports_dir / "self" / "page-001.html").read_text()
+    assert all(c in page for c in captions[:2])
+    capsys.readouterr()
+    assert main(["attribute", str(cfg_path), str(images / "img_000.png")]) == 2
+    assert "text-conditioned" in capsys.readouterr().err
+    for q in range(2):
+        assert main(["attribute", str(cfg_path), str(images / f"img_{q:03d}.png"), "--prompt",
+                     captions[q], "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["queries"][0]["methods"]
+        for m in cfg.score.methods:
+            vals, rows = read_topk_csv(cfg.reports_dir / "self" / f"{m}_topk.csv", 2)
+            assert [e["train_row"] for e in got[m]] == rows[q].tolist(), (m, q)
+            np.testing.assert_allclose([e["score"] for e in got[m]], vals[q], rtol=1e-6)

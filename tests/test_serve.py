@@ -4,6 +4,7 @@ the store is only read."""
 
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -29,8 +30,8 @@ def png_bytes(row=300, size=None) -> bytes:
     return buf.getvalue()
 
 
-def post(url, fields: dict, files: dict, timeout=120):
-    """(status, parsed JSON) of a multipart POST built by hand (files: name -> (filename, bytes))."""
+def post(url, fields: dict, files: dict, timeout=120, parse=json.loads):
+    """(status, parsed body) of a multipart POST built by hand (files: name -> (filename, bytes))."""
     boundary = "das-test-boundary"
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
              for k, v in fields.items()]
@@ -43,7 +44,7 @@ def post(url, fields: dict, files: dict, timeout=120):
         "Content-Type": f"multipart/form-data; boundary={boundary}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, parse(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
 
@@ -58,6 +59,8 @@ def server(tmp_path_factory, tiny_model_dir):
     import uvicorn
 
     root = tmp_path_factory.mktemp("serve")
+    old_cache = os.environ.get("DAS_CACHE_DIR")
+    os.environ["DAS_CACHE_DIR"] = str(root / "file-cache")  # uploads must leave nothing there
     cfg_path = write_config(root / "cfg.toml", tiny_model_dir, store=root / "store.zarr")
     assert main(["run", str(cfg_path), "--quiet"]) == 0
     with socket.socket() as s:
@@ -74,6 +77,10 @@ def server(tmp_path_factory, tiny_model_dir):
     yield f"http://127.0.0.1:{port}", cfg_path
     server.should_exit = True
     thread.join(timeout=30)
+    if old_cache is None:
+        del os.environ["DAS_CACHE_DIR"]
+    else:
+        os.environ["DAS_CACHE_DIR"] = old_cache
 
 
 def test_api_answers_like_attribute_json_and_concurrently(server, tmp_path, capsys):
@@ -95,6 +102,7 @@ def test_api_answers_like_attribute_json_and_concurrently(server, tmp_path, caps
     assert snapshot(cfg.store.path) == store_before  # serve only reads the store
     assert {p for p in cfg_path.parent.rglob("*") if cfg.reports_dir not in p.parents} == outside
     assert not [p for p in (cfg.reports_dir / "attribute").iterdir() if p.is_dir()]
+    assert not (cfg_path.parent / "file-cache").exists()  # no upload entered the file cache
 
 
 def test_bad_uploads_get_4xx_with_a_message(server):
@@ -108,6 +116,17 @@ def test_bad_uploads_get_4xx_with_a_message(server):
     status, got = post(url + "/api/attribute", {}, {"image": ("../../evil.png",
                                                               b"\x89PNG" + b"0" * (MAX_UPLOAD_BYTES + 1))})
     assert status == 413 and "over the limit" in got["error"]
+
+
+def test_form_upload_shows_a_page_of_the_answer(server):
+    from browser import Rows
+
+    url, cfg_path = server
+    status, html = post(url + "/attribute", {}, {"image": ("digit301.png", png_bytes(301))},
+                        parse=bytes.decode)
+    rows = Rows(html).rows
+    assert status == 200 and len(rows) == 1
+    assert all(rows[0][m][0] == load_config(cfg_path).score.topk for m in ("trak", "dtrak", "das"))
 
 
 def test_chromium_renders_the_served_page(server, tmp_path):
