@@ -79,7 +79,7 @@ def tile(img_u8_CHW: np.ndarray, scale: int):
     from PIL import Image
 
     img = img_u8_CHW[0] if img_u8_CHW.shape[0] == 1 else img_u8_CHW.transpose(1, 2, 0)
-    big = np.kron(img, np.ones((scale, scale) + img.shape[2:], dtype=np.uint8))
+    big = np.kron(img, np.ones((scale, scale) + (1,) * (img.ndim - 2), dtype=np.uint8))
     return Image.fromarray(big if big.ndim == 3 else np.repeat(big[..., None], 3, axis=2))
 
 
@@ -104,14 +104,18 @@ class Thumbs:
 
     def __init__(self, folder: Path, ds):
         self.folder, self.ds = Path(folder), ds
+        self._known: dict[int, Path] = {}
 
     def path(self, row: int) -> Path:
+        if row in self._known:
+            return self._known[row]
         path = self.folder / f"{row}-{self.ds.row_digests[row][:12]}.png"
         if not path.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp.png")
             thumbnail(to_uint8(self.ds.load(row, row + 1))[0]).save(tmp)
             tmp.replace(path)  # a concurrent page never reads half a file
+        self._known[row] = path
         return path
 
 
@@ -157,13 +161,21 @@ def contact_sheet(rows: list[Row], train_thumb, out_png: Path, per_method: int |
     from PIL import Image, ImageDraw
 
     methods = list(rows[0].pro) if rows else []
+    opened = {}
+
+    def tile_of(row: int):
+        if row not in opened:
+            opened[row] = Image.open(train_thumb(row)).convert("RGB")
+        return opened[row]
+
     k = per_method or max((len(e) for r in rows for e in r.pro.values()), default=0)
     first = Image.open(rows[0].image) if rows else Image.new("RGB", (THUMB_MIN, THUMB_MIN))
     tw, th = max(first.width, 64), first.height
+    qw = max(tw, 110)  # the query column also holds its uid and caption
     pad, gap, text_h, legend_h, head_h = 4, 24, 24, 16, 16
     cell_w, row_h = tw + pad, th + text_h + pad
     group_w = k * cell_w + gap // 2
-    width = pad + cell_w + gap + len(methods) * group_w
+    width = pad + qw + gap + len(methods) * group_w
     height = legend_h + head_h + len(rows) * row_h + pad
     canvas = Image.new("RGB", (max(width, 520), height), "white")
     draw = ImageDraw.Draw(canvas)
@@ -175,7 +187,7 @@ def contact_sheet(rows: list[Row], train_thumb, out_png: Path, per_method: int |
             text = text[:-1]
         return text
 
-    x_groups = [pad + cell_w + gap + j * group_w for j in range(len(methods))]
+    x_groups = [pad + qw + gap + j * group_w for j in range(len(methods))]
     draw.text((pad, legend_h), "query", fill="black")
     for x0, m in zip(x_groups, methods, strict=True):
         draw.text((x0, legend_h), m, fill="black")
@@ -183,14 +195,14 @@ def contact_sheet(rows: list[Row], train_thumb, out_png: Path, per_method: int |
     for i, row in enumerate(rows):
         y = legend_h + head_h + i * row_h
         canvas.paste(Image.open(row.image).convert("RGB"), (pad, y))
-        draw.text((pad, y + th + 1), fit(row.label, tw), fill="black")
+        draw.text((pad, y + th + 1), fit(row.label, qw), fill="black")
         if row.caption:
-            draw.text((pad, y + th + 12), fit(row.caption, tw), fill=(90, 90, 90))
+            draw.text((pad, y + th + 12), fit(row.caption, qw), fill=(90, 90, 90))
         for x0, m in zip(x_groups, methods, strict=True):
             for j, (rank, train_row, uid, score) in enumerate(row.pro[m][:k]):
                 x = x0 + j * cell_w
-                canvas.paste(Image.open(train_thumb(train_row)).convert("RGB"), (x, y))
-                draw.text((x, y + th + 1), fit(f"#{rank} {score:.3g}", tw), fill="black")
+                canvas.paste(tile_of(train_row), (x, y))
+                draw.text((x, y + th + 1), fit(f"#{rank}: {score:.3g}", tw), fill="black")
                 draw.text((x, y + th + 12), fit(f"uid {uid}", tw), fill=(90, 90, 90))
     out_png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_png)
@@ -274,7 +286,8 @@ def rows_html(rows: list[Row], href) -> str:
     methods = list(rows[0].pro)
 
     def figs(entries):
-        return "".join(f"<figure><img src='{href(path)}' alt='train row {row}'><figcaption>"
+        return "".join(f"<figure><img src='{href(path)}' alt='train row {row}' loading='lazy' "
+                       f"decoding='async'><figcaption>"
                        f"{rank}. <span class='score'>{score:.4g}</span><br><span class='uid'>"
                        f"{escape(uid)}</span></figcaption></figure>"
                        for rank, row, uid, score, path in entries)

@@ -21,7 +21,10 @@ def scored(make_config, capsys):
     return cfg_path
 
 
-def test_report_pages_hold_every_query_with_k_images_per_method_and_csv_scores(scored, tmp_path):
+def test_report_pages_hold_every_query_with_k_images_per_method_and_csv_scores(scored, tmp_path,
+                                                                              capsys):
+    assert main(["report", str(scored), "--method", "pixel"]) == 2
+    assert "--method 'pixel' is not in [score] methods" in capsys.readouterr().err
     cfg = load_config(scored)
     assert (cfg.reports_dir / "index.html").is_file()
     assert (cfg.reports_dir / "val" / "page-001.png").is_file()  # contact sheet

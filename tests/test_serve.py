@@ -6,6 +6,7 @@ import io
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -19,6 +20,7 @@ from PIL import Image
 from das_pipeline.cli import main
 from das_pipeline.config import load_config
 from das_pipeline.data import digits_array
+from das_pipeline.digests import CACHE_FILE
 from das_pipeline.serve import MAX_UPLOAD_BYTES, build_app
 from helpers import write_config
 
@@ -102,7 +104,9 @@ def test_api_answers_like_attribute_json_and_concurrently(server, tmp_path, caps
     assert snapshot(cfg.store.path) == store_before  # serve only reads the store
     assert {p for p in cfg_path.parent.rglob("*") if cfg.reports_dir not in p.parents} == outside
     assert not [p for p in (cfg.reports_dir / "attribute").iterdir() if p.is_dir()]
-    assert not (cfg_path.parent / "file-cache").exists()  # no upload entered the file cache
+    with sqlite3.connect(cfg_path.parent / "file-cache" / CACHE_FILE) as db:  # the model's files
+        cached = [p for (p,) in db.execute("SELECT path FROM files")]
+    assert cached and not [p for p in cached if "upload-" in p]  # no upload entered the cache
 
 
 def test_bad_uploads_get_4xx_with_a_message(server):
