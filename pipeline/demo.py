@@ -4,8 +4,9 @@
    reused when the recipe is unchanged).
 2. Generate query images from keyed initial noise; also take held-out digits as queries.
 3. Write <out>/demo.toml and run extract -> reduce -> score on it.
-4. Draw <out>/attribution.png (each query beside its top-5 proponents per method) and
-   <out>/summary.txt (timings, and how often the proponents share the query's digit label).
+4. Draw <out>/attribution.png (each query beside its top-5 proponents per method), write the
+   HTML report (<out>/runs/demo.reports/index.html) and <out>/summary.txt (timings, and how
+   often the proponents share the query's digit label).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def run_demo(out: Path, show_progress: bool = True) -> dict:
     from .config import dump_toml, load_config
     from .extract import run_extract
     from .reduce import run_reduce
-    from .report import draw_attribution
+    from .report import draw_attribution, run_report
     from .score import run_score
     from .store import StoreError
 
@@ -132,6 +133,7 @@ def run_demo(out: Path, show_progress: bool = True) -> dict:
         times[stage] = time.perf_counter() - t0
     t0 = time.perf_counter()
     picture = draw_attribution(cfg, out / "attribution.png")
+    report = run_report(cfg)["index"]
     times["picture"] = time.perf_counter() - t0
     agreement = label_agreement(cfg, "val")
     total = time.perf_counter() - started
@@ -141,6 +143,7 @@ def run_demo(out: Path, show_progress: bool = True) -> dict:
         f"{train_summary.get('steps', '-')} steps)",
         f"store: {cfg.store.path}",
         f"picture: {picture}",
+        f"report: {report}",
         f"top-k CSVs: {cfg.reports_dir}",
         "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + f", total {total:.1f}",
         "held-out queries, share of top-5 proponents with the query's digit label: "
@@ -148,4 +151,4 @@ def run_demo(out: Path, show_progress: bool = True) -> dict:
     ]
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return {"times": times, "agreement": agreement, "picture": str(picture)}
+    return {"times": times, "agreement": agreement, "picture": str(picture), "report": str(report)}

@@ -25,10 +25,12 @@ import io
 import os
 import sqlite3
 import struct
+import threading
 import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -112,6 +114,21 @@ def probe_many(paths: list[str], decode: bool, threads: int | None = None) -> li
         return [rec for part in parts for rec in part]
 
 
+_local = threading.local()
+
+
+@contextmanager
+def uncached():
+    """In this thread, read and write no file cache (`das attribute` / `das serve`: uploads in a
+    temporary folder must leave nothing outside the reports folder)."""
+    before = getattr(_local, "uncached", False)
+    _local.uncached = True
+    try:
+        yield
+    finally:
+        _local.uncached = before
+
+
 class FileCache:
     """FileRecords by (absolute path, size, mtime_ns). Every method is a no-op once disabled."""
 
@@ -132,7 +149,10 @@ class FileCache:
 
     @classmethod
     def open(cls) -> FileCache:
-        """The user's cache (see the module docstring); a disabled one if it cannot be used."""
+        """The user's cache (see the module docstring); a disabled one if it cannot be used or
+        inside ``uncached()``."""
+        if getattr(_local, "uncached", False):
+            return cls(None)
         try:
             where = cache_dir()
         except RuntimeError as err:  # Path.home() without a home directory

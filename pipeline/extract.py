@@ -64,26 +64,13 @@ def model_info(model: DiffusionModel, param_names: list[str]) -> dict:
             "attributed_selection": hashlib.sha256("\n".join(param_names).encode()).hexdigest()}
 
 
-def prepare(cfg: Config, splits: list[str] | None = None) -> Job:
-    """Load the model and open every split's data; raise on any mismatch before work starts."""
-    names = ["train", *cfg.data.queries]
-    if splits:
-        unknown = [s for s in splits if s not in names]
-        if unknown:
-            raise ConfigError(f"--split {unknown[0]!r} is not a split of this config; choose from "
-                              f"{names}")
+def load_feature_model(cfg: Config) -> tuple[DiffusionModel, list[str], object | None, dict]:
+    """The model, its attributed parameters, the factored plan (or None) and ``model_info``:
+    what features need besides data (``prepare``; `das attribute` for images outside a store)."""
     settings_identity(cfg)  # projection settings this machine cannot run fail here, first
     model = load_model(cfg.model.path, cfg.model.lora)
     timestep_grid(model.num_train_timesteps, cfg.features.timesteps)  # raises if K > T
     param_names = attributed_params(model, cfg.features.params)
-    options = data_options(cfg)
-    sources = {"train": cfg.data.train, **cfg.data.queries}
-    datasets = {name: open_dataset(name, sources[name], options) for name in names}
-    for ds in datasets.values():
-        check_matches_model(ds, model.sample_shape, needs_captions=model.conditional)
-    if splits:
-        datasets = {"train": datasets["train"], **{s: datasets[s] for s in splits}}
-    train = datasets["train"]
     plan = None
     if cfg.projection.engine == "factored":
         from .factored import FactoredPlan
@@ -99,8 +86,38 @@ def prepare(cfg: Config, splits: list[str] | None = None) -> Job:
     info = model_info(model, param_names)
     if plan is not None:
         info["projection_plan"] = plan.identity()
+    return model, param_names, plan, info
+
+
+def prepare(cfg: Config, splits: list[str] | None = None) -> Job:
+    """Load the model and open every split's data; raise on any mismatch before work starts."""
+    names = ["train", *cfg.data.queries]
+    if splits:
+        unknown = [s for s in splits if s not in names]
+        if unknown:
+            raise ConfigError(f"--split {unknown[0]!r} is not a split of this config; choose from "
+                              f"{names}")
+    model, param_names, plan, info = load_feature_model(cfg)
+    options = data_options(cfg)
+    sources = {"train": cfg.data.train, **cfg.data.queries}
+    datasets = {name: open_dataset(name, sources[name], options) for name in names}
+    for ds in datasets.values():
+        check_matches_model(ds, model.sample_shape, needs_captions=model.conditional)
+    if splits:
+        datasets = {"train": datasets["train"], **{s: datasets[s] for s in splits}}
+    train = datasets["train"]
     return Job(cfg, model, datasets, fingerprint(cfg, train.digest, len(train)), param_names,
                info, plan)
+
+
+def to_devices(job: Job, device) -> torch.nn.Module:
+    """Move the model to ``device`` (the UNet also to the features' dtype); returns the UNet."""
+    # nn.Module.to: diffusers' own .to() warns about dtype casts we make on purpose (float64 checks).
+    unet = torch.nn.Module.to(job.model.unet, device, getattr(torch, job.cfg.features.dtype))
+    for module in (job.model.vae, job.model.text_encoder):
+        if module is not None:
+            torch.nn.Module.to(module, device)
+    return unet
 
 
 @dataclass
@@ -130,17 +147,20 @@ def cache_shapes(job: Job) -> dict[str, tuple[int, ...]] | None:
     return {"latents": job.model.latent_shape, "text": tuple(probe.shape[1:])}
 
 
-def unit_inputs(job: Job, split: Split, ds: Dataset, unit: int, stats: dict,
+def unit_inputs(job: Job, split: Split | None, ds: Dataset, unit: int, stats: dict,
                 stop: dist.StopFlag | None = None) -> UnitInputs:
     """A unit's samples, caption embeddings and noise keys; latent models encode their images and
-    captions once and cache them in the store (a resumed run reads them back)."""
-    lo, hi = split.unit_rows(unit)
+    captions once and cache them in the store (a resumed run reads them back). With ``split``
+    None: all rows of ``ds``, encoded without a cache (`das attribute`)."""
+    lo, hi = split.unit_rows(unit) if split is not None else (0, len(ds))
     pixels = ds.load(lo, hi)
     captions = ds.captions[lo:hi] if job.model.conditional else None
     keys = noise_keys(job.cfg.features.noise, pixels, captions)
     if not job.model.conditional:
         return UnitInputs(pixels, None, keys)
-    if split.cache_done(unit):
+    if split is None:
+        cached = encode_unit(job, pixels, captions)
+    elif split.cache_done(unit):
         cached = split.read_cache(unit)
         stats["cache_reused"] += 1
     else:
@@ -317,11 +337,7 @@ def _extract(cfg, splits, rank, show_progress, partial_gram, stop, replace=None)
     store, split_map = open_splits(job, rank, replace)
     if splits:
         split_map = {s: split_map[s] for s in splits}
-    # nn.Module.to: diffusers' own .to() warns about dtype casts we make on purpose (float64 checks).
-    unet = torch.nn.Module.to(job.model.unet, rank.device, getattr(torch, cfg.features.dtype))
-    for module in (job.model.vae, job.model.text_encoder):
-        if module is not None:
-            torch.nn.Module.to(module, rank.device)
+    unet = to_devices(job, rank.device)
     todo = []
     for name, split in split_map.items():
         done = set(split.done_units().tolist())

@@ -132,9 +132,25 @@ def summed_partials(store: Store, train: Split, readout: str, markers: np.ndarra
     return None, "; ".join(problems) or "no finished partial Grams"
 
 
+def factor_is_current(store: Store, readout: str, digest: str) -> bool:
+    """Whether the stored factor of ``readout`` was computed from the train features whose
+    markers digest is ``digest``, under this store's fingerprint (settings, model, data)."""
+    if "reduce" not in store.root or readout not in store.root["reduce"]:
+        return False
+    group = store.root["reduce"][readout]
+    attrs = group.attrs.asdict()
+    return (attrs.get("train_digest") == digest and "eigvals" in group and "eigvecs" in group
+            and attrs.get("fingerprint_hash") == store.root.attrs["fingerprint_hash"])
+
+
 def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
-               partials: str = "auto") -> dict:
+               partials: str = "auto", force: bool = False) -> dict:
     """Compute and store the Gram factor of every readout the configured methods need.
+
+    With ``partials = "auto"`` a readout whose stored factor is current (``factor_is_current``:
+    same train markers digest and fingerprint) is reused, not recomputed, unless ``force``; its
+    summary says ``"reused": True``. ``require`` and ``ignore`` name how to compute, so they
+    always recompute.
 
     ``partials``: ``auto`` sums the extraction ranks' partial Grams when N >= k and they cover
     every unit exactly once, and streams the store otherwise; ``require`` refuses to stream
@@ -153,6 +169,11 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
     summary = {}
     for readout in needed_readouts(cfg):
         started = time.perf_counter()
+        if not force and partials == "auto" and factor_is_current(store, readout, digest):
+            attrs = store.root["reduce"][readout].attrs
+            summary[readout] = {"seconds": time.perf_counter() - started, "reused": True,
+                                "trace": attrs["trace"], "num_samples": attrs["num_samples"]}
+            continue
         g, source, method = None, "streamed the store", f"k x k eigh (k = {train.dim})"
         thin = train.num_samples < train.dim
         if partials == "auto" and thin:
@@ -171,17 +192,20 @@ def run_reduce(cfg: Config, show_progress: bool = True, device: str = "cpu",
             source = why if g is not None else source
         if g is None and thin:
             # N < k: eigendecompose the N x N kernel instead of the k x k Gram (exact, cheaper).
-            blocks = iter_features(train, readout, markers, f"features {readout}", show_progress)
+            blocks = iter_features(train, readout, markers, f"reduce {readout}: features (N < k)",
+                                   show_progress)
             phi = torch.cat([torch.as_tensor(b) for b in blocks]).to(device, torch.float64)
             fac = dual_factor(phi)
             method = f"N x N kernel eigh (N = {train.num_samples} < k = {train.dim})"
         else:
             if g is None:
-                g = gram(iter_features(train, readout, markers, f"gram {readout}", show_progress),
+                g = gram(iter_features(train, readout, markers, f"reduce {readout}: Gram",
+                                       show_progress),
                          train.dim, device)
             fac = factor(g.to(device), train.num_samples)
         save_factor(store, readout, g, fac, digest)
-        summary[readout] = {"seconds": time.perf_counter() - started, "trace": fac.trace,
+        summary[readout] = {"seconds": time.perf_counter() - started, "reused": False,
+                            "trace": fac.trace,
                             "rank": int((fac.eigvals_K > fac.eigvals_K.max() * 1e-12).sum()),
                             "source": source, "factor": method}
     return summary
@@ -194,6 +218,7 @@ def save_factor(store: Store, readout: str, gram_KK: torch.Tensor | None, fac: F
     """
     group = store.root.require_group("reduce").require_group(readout)
     k = fac.dim
+    group.attrs["train_digest"] = ""  # until the new arrays are written: not current, not loadable
     if gram_KK is None and "gram" in group:
         del group["gram"]
     arrays = {"eigvals": fac.eigvals_K, "eigvecs": fac.eigvecs_KK}

@@ -16,7 +16,10 @@ def test_demo_writes_picture_and_summary_then_reuses_its_model(tmp_path):
     assert "trained now" in first.stdout
     picture = Image.open(out / "attribution.png")
     assert picture.size[0] > 600 and picture.size[1] > 16 * 48  # 16 query rows of 48 px
+    report = out / "runs" / "demo.reports" / "index.html"
+    assert report.is_file() and (out / "runs" / "demo.reports" / "gen" / "page-001.html").is_file()
     summary = (out / "summary.txt").read_text()
+    assert f"report: {report}" in summary
     assert "timings (s)" in summary
     # A figure that can fail: on held-out digits, the share of das's top-5 proponents that carry
     # the query's label (chance about 0.10; measured 0.90 at the defaults).
