@@ -30,6 +30,26 @@ def _config(path):
     return load_config(path)
 
 
+def _device(name: str) -> str:
+    """The torch device of ``--device`` for reduce and score, checked before any work."""
+    import torch
+
+    from .errors import ConfigError
+
+    if name == "cpu":
+        return name
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is visible to torch here; use "
+                              f"--device cpu (the default)")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                              f"CUDA devices (cuda:0 ..); choose one of them")
+        return name
+    raise ConfigError(f"--device {name!r}: choose cpu, cuda or cuda:N")
+
+
 def cmd_extract(args) -> int:
     from .extract import run_extract
 
@@ -47,7 +67,8 @@ def cmd_reduce(args) -> int:
     from .reduce import run_reduce
 
     for readout, s in run_reduce(_config(args.config), show_progress=not args.quiet,
-                                 partials=args.partials, force=args.force).items():
+                                 device=_device(args.device), partials=args.partials,
+                                 force=args.force).items():
         if s["reused"]:
             print(f"reduce: {readout}: reused the stored factor (train features and settings "
                   f"unchanged; trace {s['trace']:.4g}); --force recomputes it")
@@ -61,7 +82,7 @@ def cmd_score(args) -> int:
     from .score import run_score
 
     for name, s in run_score(_config(args.config), args.query_set or None,
-                             show_progress=not args.quiet).items():
+                             show_progress=not args.quiet, device=_device(args.device)).items():
         print(f"score: {name}: {s['queries']} queries in {s['seconds']:.1f} s; top-k: "
               f"{', '.join(s['csv'])}")
     return 0
@@ -186,8 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(require), or always stream (ignore)")
     p.add_argument("--force", action="store_true",
                    help="recompute factors even when the stored ones are current")
+    p.add_argument("--device", default="cpu", help="where the float64 Gram and eigendecomposition runs: cpu "
+                   "(default), cuda or cuda:N")
     p = add("score", cmd_score, "score query sets against the training set; writes top-k CSVs")
     p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
+    p.add_argument("--device", default="cpu", help="where the float64 solve and scoring runs: cpu "
+                   "(default), cuda or cuda:N")
     p = add("report", cmd_report, "write the HTML report of a scored run (pages of 50 queries, "
             "each beside its top-k per method, with PNG contact sheets)")
     p.add_argument("--query-set", action="append", help="only this query set (repeatable)")
@@ -209,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "extract, reduce, score and write the report")
     p.add_argument("--force", action="store_true",
                    help="recompute the reduce even when the stored factors are current")
+    p.add_argument("--device", default="cpu", help="where the float64 reduce and scoring runs: cpu "
+                   "(default), cuda or cuda:N")
     p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto",
                    replace_split=None, method=None, out=None, lds=None)
     p = add("status", cmd_status, "units done per split, rate, ETA, stale units")

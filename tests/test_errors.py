@@ -137,3 +137,16 @@ def test_corrupt_unit_is_refused_and_verify_unmarks_it(make_config, capsys):
     assert Store.open_existing(cfg.store.path).split("train").done_units().tolist() == [0]
     run_extract(cfg, show_progress=False)  # redoes unit 1 only
     assert main(["reduce", str(cfg_path), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("device, words", [("cuda:7", "cuda"), ("tpu", "choose cpu, cuda or cuda:N")])
+def test_reduce_and_score_device_is_checked_before_any_work(make_config, capsys, device, words):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    cfg = make_config()
+    for command in ("reduce", "score"):
+        code, err = run_cli(capsys, command, cfg, "--device", device)
+        assert code == 2 and f"--device {device}" in err.replace("'", "") and words in err, err
+        assert "Traceback" not in err
