@@ -53,6 +53,8 @@ MEMBERS = {
                   "dim": 2048, "eval_dims": [2048, 512]},
     "digits1024": {"train": "digits[0:1024]", "val": "digits[1500:1564]", "num_generated": 64,
                    "dim": 1024, "eval_dims": [1024, 512]},
+    "digits256w64": {"train": "digits[0:256]", "val": "digits[1500:1564]", "num_generated": 64,
+                     "dim": 2048, "eval_dims": [2048], "recipe": {**RECIPE, "widths": [32, 64]}},
 }
 COMMON = {"recipe": RECIPE, "gen_seed": 1000, "sample_steps": 100, "num_subsets": 32,
           "truth_timesteps": 100, "timesteps": 10, "batch_size": 64, "rows_per_unit": 64}
@@ -161,12 +163,13 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
             for v in variants:
                 r = v.base_readout
                 lam_per_k = sc[r]["trace/k"]
-                rel = sorted(set(DEFAULT_GRID) | {c * sc[r][n] / lam_per_k for n in NORMALISATIONS
-                                                  for c in CANDIDATES})
+                lams = np.asarray(sorted({g * lam_per_k for g in DEFAULT_GRID}
+                                         | {c * sc[r][n] for n in NORMALISATIONS for c in CANDIDATES}))
+                # sweep_predictions takes damping relative to the library's own unit (Factor.damping)
+                rel = lams / facs[r].damping(1.0)
                 pred = sweep_predictions(tr, res, rho, qf, {r: facs[r]}, k, rel, [v], mask)[v.name]
                 lds_CQ = np.stack([lds_from_predictions(pred[c], F) for c in range(len(rel))])
-                res_split[v.method] = {"lam": (np.asarray(rel) * lam_per_k).tolist(),
-                                       "lds": lds_CQ.tolist(),
+                res_split[v.method] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(),
                                        "collisions": collisions(tr, res, qf, facs[r], v,
                                                                 np.asarray(DEFAULT_GRID) * lam_per_k)}
             by["splits"][split] = res_split
@@ -212,7 +215,8 @@ def main(argv=None) -> int:
         m = members[name]
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
-        stage(f"{name}/train base model", train_base, out, {"train": m["train"], "recipe": s["recipe"]})
+        stage(f"{name}/train base model", train_base, out,
+              {"train": m["train"], "recipe": m.get("recipe", s["recipe"])})
         splits = ["val"] + (["gen"] if m["num_generated"] else [])
         if m["num_generated"] and not (out / "gen_png" / "generation.json").is_file():
             seeds = list(range(s["gen_seed"], s["gen_seed"] + m["num_generated"]))
