@@ -15,10 +15,21 @@ from das_pipeline.eval.lds import query_halves, summarize
 from das_pipeline.eval.sweep import DEFAULT_GRID
 
 NOISE_MODES = ("content", "common")
-NORMALISATIONS = ("trace/k", "trace/min(N,k)", "median eig")
+NORMALISATIONS = ("trace/k", "trace/min(N,k)", "median eig", "geomean eig")
 METHODS = ("trak", "dtrak", "das")
 TODAY = ("trace/k", 1.0)
 TOLERANCE = 0.02
+
+
+def scales(fac, num_rows: int) -> dict[str, float]:
+    """lambda per unit c of each normalisation, for one factor (eigenvalues above 1e-12 of the
+    largest count as non-zero)."""
+    e = fac.eigvals_K.double()
+    nonzero = e[e > e.max().clamp_min(0) * 1e-12]
+    return {"trace/k": fac.trace / fac.dim,
+            "trace/min(N,k)": fac.trace / min(num_rows, fac.dim),
+            "median eig": float(nonzero.median()),
+            "geomean eig": float(nonzero.log().mean().exp())}
 
 
 def _index(lams: np.ndarray, lam: float) -> int:

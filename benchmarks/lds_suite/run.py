@@ -44,6 +44,9 @@ def _lds_digits():
 
 
 _digits = _lds_digits()
+sys.path.insert(0, str(HERE))
+from analyse import NORMALISATIONS, analyse, markdown, scales  # noqa: E402
+
 das, store_complete, train_base = _digits.das, _digits.store_complete, _digits.train_base
 
 RECIPE = {"widths": [8, 16], "attention": False, "num_train_timesteps": 1000, "steps": 200,
@@ -67,7 +70,6 @@ MINI_COMMON = {"recipe": {**RECIPE, "num_train_timesteps": 100, "steps": 15, "ba
                "timesteps": 2, "batch_size": 25, "rows_per_unit": 20}
 
 NOISE_MODES = ("content", "common")
-NORMALISATIONS = ("trace/k", "trace/min(N,k)", "median eig")
 METHODS = ("trak", "dtrak", "das")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CANDIDATES = tuple(float(c) for c in 10.0 ** (np.arange(-12, 13) / 4))  # 1e-3 .. 1e3, quarter decades
@@ -92,15 +94,6 @@ def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "radema
     path = folder / f"{name}.toml"
     path.write_text(dump_toml(raw))
     return path
-
-
-def scales(fac, num_rows: int) -> dict[str, float]:
-    """lambda per unit c of each normalisation, for one factor."""
-    e = fac.eigvals_K.double()
-    nonzero = e[e > e.max().clamp_min(0) * 1e-12]
-    return {"trace/k": fac.trace / fac.dim,
-            "trace/min(N,k)": fac.trace / min(num_rows, fac.dim),
-            "median eig": float(nonzero.median())}
 
 
 def collisions(train_feats, residual_N, query_feats, fac, variant, lams) -> list[float]:
@@ -254,8 +247,6 @@ def main(argv=None) -> int:
                     path.write_text(json.dumps(result))
     if args.until != "sweep":
         return 0
-    from analyse import analyse, markdown
-
     results = analyse(root, members, names, args.kinds, CANDIDATES)
     results["settings"] = {"members": {n: members[n] for n in names}, "common": s,
                            "candidates": list(CANDIDATES)}
