@@ -15,7 +15,7 @@ from das_pipeline.eval.lds import query_halves, summarize
 from das_pipeline.eval.sweep import DEFAULT_GRID
 
 NOISE_MODES = ("content", "common")
-NORMALISATIONS = ("trace/k", "trace/min(N,k)", "median eig", "geomean eig")
+NORMALISATIONS = ("trace/k", "trace/min(N,k)", "median eig", "geomean eig", "trace", "trace-top")
 METHODS = ("trak", "dtrak", "das")
 TODAY = ("trace/k", 1.0)
 TOLERANCE = 0.02
@@ -29,7 +29,9 @@ def scales(fac, num_rows: int) -> dict[str, float]:
     return {"trace/k": fac.trace / fac.dim,
             "trace/min(N,k)": fac.trace / min(num_rows, fac.dim),
             "median eig": float(nonzero.median()),
-            "geomean eig": float(nonzero.log().mean().exp())}
+            "geomean eig": float(nonzero.log().mean().exp()),
+            "trace": fac.trace,
+            "trace-top": fac.trace - float(e.max())}
 
 
 def _index(lams: np.ndarray, lam: float) -> int:
