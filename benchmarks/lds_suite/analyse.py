@@ -120,6 +120,11 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
             d = summ["common"][key]["best_report_Q"] - summ["content"][key]["best_report_Q"]
             results["noise"]["|".join(map(str, key))] = summarize(d).as_dict()
     for st in stores:
+        rows = [r for c, r in results["cells"].items() if c.startswith(st + "|")]
+        short = [r["best"]["mean"] - r["today"]["mean"] for r in rows]
+        results["within"][f"{st}|today: trace/k c=1"] = {
+            "worst_report_shortfall": float(max(short, default=0)),
+            "cells_within": int(sum(x <= TOLERANCE for x in short)), "cells": len(short)}
         for n in NORMALISATIONS:
             rows = [r for c, r in results["cells"].items() if c.startswith(st + "|")]
             short = [r["best"]["mean"] - r["norm"][n]["mean"] for r in rows]

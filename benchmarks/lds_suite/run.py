@@ -72,7 +72,7 @@ MINI_COMMON = {"recipe": {**RECIPE, "num_train_timesteps": 100, "steps": 15, "ba
 NOISE_MODES = ("content", "common")
 METHODS = ("trak", "dtrak", "das")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-CANDIDATES = tuple(float(c) for c in 10.0 ** (np.arange(-12, 13) / 4))  # 1e-3 .. 1e3, quarter decades
+CANDIDATES = tuple(float(c) for c in 10.0 ** (np.arange(-20, 13) / 4))  # 1e-5 .. 1e3, quarter decades
 
 
 def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "rademacher") -> Path:
