@@ -152,10 +152,13 @@ class StoreConfig:
 class ScoreConfig:
     methods: tuple[str, ...] = ("trak", "dtrak", "das")
     """Methods to score: trak, dtrak, das, das_signed."""
-    damping: float = 1.0
-    """Damping lambda; relative (lambda = damping * trace(G) / k) unless damping_absolute is true.
-    Default from benchmarks/lds_digits (best on the selection halves; N < k there: sweep yours with
-    `das lds eval --sweep`)."""
+    damping: float = 0.03
+    """Damping lambda; relative unless damping_absolute is true: lambda = damping * (trace(G) minus
+    its largest eigenvalue), per readout (linalg.Factor.damping_scale; docs/DESIGN.md,
+    "Reduction"). Default measured on benchmarks/lds_suite (N from 128 to 1024, k from 512 to
+    2048, two model sizes): one constant for every member and method, chosen on the selection
+    halves; it was within 2 LDS points of the best swept damping in most cells, up to 7 below in
+    the others. Sweep your own store with `das lds eval --sweep` (one factorisation)."""
     damping_absolute: bool = False
     """Read `damping` as the absolute lambda added to the Gram's diagonal."""
     gamma: float = 0.0
@@ -417,7 +420,7 @@ def validate(cfg: Config) -> None:
                         f"method {m!r} needs readout {METHOD_READOUT[m]!r}; add it to "
                         f"[features] readouts")
     if not s.damping > 0:
-        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 1.0)")
+        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 0.03)")
     if s.residual not in RESIDUALS:
         raise _fail("score", "residual", s.residual, f"choose one of {RESIDUALS}")
     if s.topk < 1:

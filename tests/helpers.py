@@ -87,7 +87,7 @@ def brute_scores(train_feats, query_feats, residual, damping, gamma=1.0):
     for r, phi in train_feats.items():
         k = phi.shape[1]
         gram = phi.T @ phi
-        lam = damping * torch.trace(gram) / k
+        lam = damping * (torch.trace(gram) - torch.linalg.eigvalsh(gram).max())  # DESIGN "Damping"
         a = gram + lam * torch.eye(k, dtype=torch.float64)
         solved[r] = (a, torch.linalg.solve(a, query_feats[r].T))  # (k, Q)
     base = {r: (train_feats[r] @ solved[r][1]).T for r in train_feats}

@@ -32,7 +32,7 @@ path = "runs/digits.zarr"
 
 [score]
 methods = ["trak", "dtrak", "das"]
-damping = 0.01                 # relative: lambda = damping * trace(G) / k
+damping = 0.01                 # relative: lambda = damping * (trace(G) - top eigenvalue)
 topk = 10
 """
 

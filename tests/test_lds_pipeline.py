@@ -70,7 +70,7 @@ def test_sweep_equals_score_block_at_every_damping():
     mask = make_subsets(N, M, 0.5, seed=0)
     grid = [1e-3, 0.1, 3.0]
     variants = [Variant("trak"), Variant("das", 1.0, "r"), Variant("das_signed", 0.0, "rho")]
-    pred = sweep_predictions(tr, res, rho, qf, facs, K, grid, variants, mask, unit_rows=7)
+    pred = sweep_predictions(tr, res, rho, qf, facs, grid, variants, mask, unit_rows=7)
     for c_i, c in enumerate(grid):
         lams = {r: facs[r].damping(c) for r in tr}
         pre = {r: facs[r].solve(torch.from_numpy(qf[r].T), lams[r]) for r in tr}

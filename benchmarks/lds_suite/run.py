@@ -160,7 +160,7 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
                                          | {c * sc[r][n] for n in NORMALISATIONS for c in CANDIDATES}))
                 # sweep_predictions takes damping relative to the library's own unit (Factor.damping)
                 rel = lams / facs[r].damping(1.0)
-                pred = sweep_predictions(tr, res, rho, qf, {r: facs[r]}, k, rel, [v], mask)[v.name]
+                pred = sweep_predictions(tr, res, rho, qf, {r: facs[r]}, rel, [v], mask)[v.name]
                 lds_CQ = np.stack([lds_from_predictions(pred[c], F) for c in range(len(rel))])
                 res_split[v.method] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(),
                                        "collisions": collisions(tr, res, qf, facs[r], v,
