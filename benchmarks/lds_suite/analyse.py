@@ -52,7 +52,7 @@ def cells(root: Path, names, store: str):
                 for method, r in per.items():
                     readout = {"trak": "loss", "dtrak": "square", "das": "mean"}[method]
                     yield (name, int(k), split, method, np.asarray(r["lam"]), np.asarray(r["lds"]),
-                           by["scales"][readout], r.get("collisions"))
+                           by["scales"][readout] | {"default": r.get("default")}, r.get("collisions"))
 
 
 def cell_summary(lam, lds_CQ, sc, candidates) -> dict:
@@ -71,6 +71,8 @@ def cell_summary(lam, lds_CQ, sc, candidates) -> dict:
         idx = [_index(lam, c * sc[n]) for c in candidates]
         out["norm"][n] = {"select": sel[idx], "report_Q": lds_CQ[idx][:, report]}
     out["today_report_Q"] = lds_CQ[_index(lam, TODAY[1] * sc["trace/k"]), report]
+    if sc.get("default") is not None:  # the `das score` default of the code that swept
+        out["default_report_Q"] = lds_CQ[_index(lam, sc["default"]), report]
     return out
 
 
@@ -94,7 +96,14 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
     summ = {st: {(m, k, sp, me): cell_summary(lam, lds, sc, candidates) | {"collisions": col,
                                                                           "scales": sc}
                  for m, k, sp, me, lam, lds, sc, col in cells(root, names, st)} for st in stores}
-    results = {"constants": {}, "cells": {}, "noise": {}, "within": {}}
+    results = {"constants": {}, "cells": {}, "noise": {}, "within": {}, "best_c": {}}
+    for st in stores:  # where each cell's selection-half best c lies, per normalisation and method
+        for n in NORMALISATIONS:
+            for me in METHODS:
+                cs = [float(candidates[int(np.argmax(s["norm"][n]["select"]))])
+                      for key, s in summ[st].items() if key[3] == me]
+                if cs:
+                    results["best_c"][f"{st}|{n}|{me}"] = [min(cs), max(cs)]
     for st in NOISE_MODES:
         results["constants"][st] = {n: choose_constant(list(summ[st].values()), n, candidates)
                                     for n in NORMALISATIONS}
@@ -104,6 +113,10 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
             row = {"best": summarize(s["best_report_Q"]).as_dict(), "best_c": s["best_c_trace_k"],
                    "oracle_report": s["oracle_report"], "today": summarize(s["today_report_Q"]).as_dict(),
                    "scales": s["scales"], "norm": {}}
+            if "default_report_Q" in s:
+                row["default"] = summarize(s["default_report_Q"]).as_dict()
+                row["default"]["minus_best"] = summarize(s["default_report_Q"]
+                                                         - s["best_report_Q"]).as_dict()
             for n in NORMALISATIONS:
                 i = consts[n]["index"]
                 row["norm"][n] = summarize(s["norm"][n]["report_Q"][i]).as_dict()
@@ -122,6 +135,11 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
     for st in stores:
         rows = [r for c, r in results["cells"].items() if c.startswith(st + "|")]
         short = [r["best"]["mean"] - r["today"]["mean"] for r in rows]
+        dshort = [r["best"]["mean"] - r["default"]["mean"] for r in rows if "default" in r]
+        if dshort:
+            results["within"][f"{st}|new default"] = {
+                "worst_report_shortfall": float(max(dshort)),
+                "cells_within": int(sum(x <= TOLERANCE for x in dshort)), "cells": len(dshort)}
         results["within"][f"{st}|today: trace/k c=1"] = {
             "worst_report_shortfall": float(max(short, default=0)),
             "cells_within": int(sum(x <= TOLERANCE for x in short)), "cells": len(short)}
@@ -150,10 +168,10 @@ def markdown(results: dict, settings: dict) -> str:
         m = settings["members"][member]
         lines += [f"#### {member}: train {m['train']}, val {m['val']}"
                   + (f", gen {m['num_generated']} generated" if m["num_generated"] else ""), ""]
-        head = ("| k | queries | method | store | best swept (c) | today c=1 trace/k | "
+        head = ("| k | queries | method | store | best swept (c) | today c=1 trace/k | new default | "
                 + " | ".join(f"{n} c={results['constants']['common'][n]['c']:.3g}"
                              for n in NORMALISATIONS) + " | top-1 same row |")
-        lines += [head, "|" + "---|" * (7 + len(NORMALISATIONS))]
+        lines += [head, "|" + "---|" * (8 + len(NORMALISATIONS))]
         for key in keys:
             if key[0] != member:
                 continue
@@ -165,8 +183,10 @@ def markdown(results: dict, settings: dict) -> str:
                          f"({(row['norm'][n]['mean'] - row['best']['mean']) * 100:+.1f})"
                          for n in NORMALISATIONS]
                 col = row.get("collisions_at_c1")
+                d = row.get("default")
+                dflt = "-" if d is None else f"{fmt(d)} ({(d['mean'] - row['best']['mean']) * 100:+.1f})"
                 lines.append(f"| {key[1]} | {key[2]} | {key[3]} | {st} | {fmt(row['best'])} "
-                             f"({row['best_c']:.2g}) | {fmt(row['today'])} | " + " | ".join(cells)
+                             f"({row['best_c']:.2g}) | {fmt(row['today'])} | {dflt} | " + " | ".join(cells)
                              + f" | {'-' if col is None else f'{col:.2f}'} |")
         lines.append("")
     lines += ["Noise: common minus content, paired over the report queries, each at its best swept "
@@ -181,4 +201,14 @@ def markdown(results: dict, settings: dict) -> str:
         st, n = key.split("|")
         lines.append(f"| {st} | {n} | {w['worst_report_shortfall'] * 100:.1f} | "
                      f"{w['cells_within']}/{w['cells']} |")
+    lines += ["", "Range over the cells of each cell's own best constant (selection halves, from the "
+              "candidates), per normalisation and method: a normalisation transfers when the ranges "
+              "are narrow and overlap across methods:", "",
+              "| store | normalisation | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    for st in stores:
+        for n in NORMALISATIONS:
+            cells = [results["best_c"].get(f"{st}|{n}|{me}") for me in METHODS]
+            if any(c is None for c in cells):
+                continue
+            lines.append(f"| {st} | {n} | " + " | ".join(f"{lo:.2g} .. {hi:.2g}" for lo, hi in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -122,7 +122,7 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
     The grid is the `das lds eval --sweep` grid (relative to trace/k) plus every normalisation's
     candidate constants, all expressed as lambdas of this store's factor.
     """
-    from das_pipeline.config import load_config
+    from das_pipeline.config import ScoreConfig, load_config
     from das_pipeline.eval.lds import lds_from_predictions, load_subsets, load_truth
     from das_pipeline.eval.sweep import (
         DEFAULT_GRID,
@@ -156,13 +156,14 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
             for v in variants:
                 r = v.base_readout
                 lam_per_k = sc[r]["trace/k"]
-                lams = np.asarray(sorted({g * lam_per_k for g in DEFAULT_GRID}
+                default = facs[r].damping(ScoreConfig.damping, ScoreConfig.damping_absolute)
+                lams = np.asarray(sorted({g * lam_per_k for g in DEFAULT_GRID} | {default}
                                          | {c * sc[r][n] for n in NORMALISATIONS for c in CANDIDATES}))
                 # sweep_predictions takes damping relative to the library's own unit (Factor.damping)
                 rel = lams / facs[r].damping(1.0)
                 pred = sweep_predictions(tr, res, rho, qf, {r: facs[r]}, rel, [v], mask)[v.name]
                 lds_CQ = np.stack([lds_from_predictions(pred[c], F) for c in range(len(rel))])
-                res_split[v.method] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(),
+                res_split[v.method] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(), "default": default,
                                        "collisions": collisions(tr, res, qf, facs[r], v,
                                                                 np.asarray(DEFAULT_GRID) * lam_per_k)}
             by["splits"][split] = res_split
