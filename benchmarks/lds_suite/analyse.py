@@ -152,8 +152,32 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
     return results
 
 
+def summary(results: dict, settings: dict) -> list[str]:
+    """One row per cell: old defaults (content, c = 1 trace/k), best swept, the new default."""
+    def delta(row, what):
+        return f"{fmt(row[what])} ({(row[what]['mean'] - row['best']['mean']) * 100:+.1f})"
+
+    keys = sorted({tuple(c.split("|")[1:]) for c in results["cells"] if c.startswith("common|")},
+                  key=lambda t: (list(settings["members"]).index(t[0]), -int(t[1]), t[2] != "val",
+                                 METHODS.index(t[3])))
+    lines = ["| member | k | queries | method | content, c=1 trace/k (old defaults) | content, best "
+             "swept | common, best swept | common, c=1 trace/k | common, new default (minus best) | "
+             "sjlt common, best swept | sjlt common, new default |", "|---" * 11 + "|"]
+    for key in keys:
+        j = "|".join(key)
+        co, ct = results["cells"]["common|" + j], results["cells"].get("content|" + j)
+        sj = results["cells"].get("common_sjlt|" + j)
+        lines.append(f"| {' | '.join(key)} | {fmt(ct['today']) if ct else '-'} | "
+                     f"{fmt(ct['best']) if ct else '-'} | {fmt(co['best'])} | {fmt(co['today'])} | "
+                     f"{delta(co, 'default') if 'default' in co else '-'} | "
+                     f"{fmt(sj['best']) if sj else '-'} | "
+                     f"{delta(sj, 'default') if sj and 'default' in sj else '-'} |")
+    return lines
+
+
 def markdown(results: dict, settings: dict) -> str:
-    lines = []
+    lines = ["### Summary (LDS x 100 on the report halves, mean [95% interval])", "",
+             *summary(results, settings), "", "### Every normalisation", ""]
     for st, consts in results["constants"].items():
         lines.append(f"Constants chosen on the selection halves ({st} noise): " + "; ".join(
             f"{n}: c = {v['c']:.3g} (worst selection shortfall {v['worst_select_shortfall'] * 100:.1f})"
