@@ -13,7 +13,8 @@ What traker computes (traker.py, score_computers.py, 0.3.2), with phi_i = P^T g_
     finalize_scores:    scores (N, Q) = F phi_q^T * out_to_loss (= 1 here)
 so its score is ours, ``phi_q (G + lambda I)^-1 phi_i``, times a positive constant per run.
 ``lambda_reg`` is absolute and fixed when finalize runs; we map a relative damping c to
-``lambda_reg = c * trace(Phi^T Phi) / k`` after featurisation (the user has to do the same), and
+``lambda_reg = c * (trace(Phi^T Phi) - e_max(Phi^T Phi))`` after featurisation (our relative
+damping, linalg.Factor.damping_scale; the user has to do the same), and
 sweep damping by resetting the finalized flag, because a second ``finalize_features`` is skipped.
 
 Legend: B samples, I (timestep, draw) items per sample, N train rows, Q queries, K proj dim.
@@ -86,10 +87,12 @@ def featurize(traker: TRAKer, unet, scheduler, x_NCHW, uids, spec: FeatureSpec, 
 
 
 def absolute_damping(traker: TRAKer, c: float) -> float:
-    """lambda_reg = c * trace(Phi^T Phi) / k from traker's stored training features."""
+    """lambda_reg = c * (trace - top eigenvalue) of Phi^T Phi from traker's stored training
+    features: our relative damping (linalg.Factor.damping_scale)."""
     traker.saver.load_current_store(0)
     grads = np.asarray(traker.saver.current_store["grads"], dtype=np.float64)
-    return float(c) * float((grads ** 2).sum()) / grads.shape[1]
+    small = grads @ grads.T if grads.shape[0] < grads.shape[1] else grads.T @ grads
+    return float(c) * float(np.trace(small) - np.linalg.eigvalsh(small).max())
 
 
 def finalize(traker: TRAKer, lam: float) -> None:

@@ -427,7 +427,8 @@ def load_scores(out: Path, name: str, split: str) -> dict[str, np.ndarray]:
 def exact_scores(s: Setup, out: Path, sizes: dict[str, int], limit_bytes: float = 1e9) -> bool:
     """Unprojected TRAK / D-TRAK scores (the k -> infinity limit both tools estimate) at every damping.
 
-    Same absolute lambda = c * trace(G) / k as the projected runs (JL preserves the trace), solved
+    Relative damping c means lambda = c * (trace(G) - e_max(G)) of the unprojected Gram, the rule
+    of the projected runs (JL roughly preserves both; linalg.Factor.damping_scale), solved
     through the N x N kernel: scores = (g_q A^T) (A A^T + lambda I)^-1. Skipped (returns False)
     when the (N + Q) x p float64 gradients of the two readouts would exceed ``limit_bytes``.
     """
@@ -460,10 +461,11 @@ def exact_scores(s: Setup, out: Path, sizes: dict[str, int], limit_bytes: float 
         result = {}
         for r, method in enumerate(("trak", "dtrak")):
             cross_QN = query_RQP[r] @ train_RNP[r].T
-            trace = float(torch.trace(kernels[r]))
+            # linalg.Factor.damping_scale of the unprojected Gram (same non-zero spectrum as A A^T)
+            scale = float(torch.trace(kernels[r]) - torch.linalg.eigvalsh(kernels[r]).max())
             eye = torch.eye(len(kernels[r]), dtype=torch.float64)
             result[method] = np.stack([
-                torch.linalg.solve(kernels[r] + c * trace / s.dim * eye, cross_QN.T).T.numpy()
+                torch.linalg.solve(kernels[r] + c * scale * eye, cross_QN.T).T.numpy()
                 for c in s.grid]).astype(np.float32)
         np.savez(folder / f"{name}.npz", **result)
     return True

@@ -84,10 +84,13 @@ class FeaturesConfig:
     """K: number of timesteps on the uniform grid t_j = j * (T // K), j = 0..K-1."""
     noise_draws: int = 1
     """S: noise draws per timestep."""
-    noise: str = "content"
-    """How a sample's noise is keyed: content (a hash of its pixels and caption, with seed, t and
-    draw: two different samples never share noise, an image queried as itself gets its training
-    features) or common (every sample shares the noise of (seed, t, draw): common random numbers)."""
+    noise: str = "common"
+    """How a sample's noise is keyed: common (every sample shares the noise of (seed, t, draw):
+    common random numbers) or content (a hash of its pixels and caption, with seed, t and draw:
+    two different samples never share noise). Either way the noise never depends on a row index
+    or a file name, and an image queried as itself gets its training features. Default measured
+    (benchmarks/lds_suite): common scored 20 to 35 LDS points above content on held-out queries
+    on every member, method and k."""
     seed: int = 0
     """Seed of the keyed noise."""
     normalize: bool = False
@@ -149,10 +152,13 @@ class StoreConfig:
 class ScoreConfig:
     methods: tuple[str, ...] = ("trak", "dtrak", "das")
     """Methods to score: trak, dtrak, das, das_signed."""
-    damping: float = 1.0
-    """Damping lambda; relative (lambda = damping * trace(G) / k) unless damping_absolute is true.
-    Default from benchmarks/lds_digits (best on the selection halves; N < k there: sweep yours with
-    `das lds eval --sweep`)."""
+    damping: float = 0.03
+    """Damping lambda; relative unless damping_absolute is true: lambda = damping * (trace(G) minus
+    its largest eigenvalue), per readout (linalg.Factor.damping_scale; docs/DESIGN.md,
+    "Reduction"). Default measured on benchmarks/lds_suite (N from 128 to 1024, k from 512 to
+    2048, two model sizes): one constant for every member and method, chosen on the selection
+    halves; it was within 2 LDS points of the best swept damping in most cells, up to 7 below in
+    the others. Sweep your own store with `das lds eval --sweep` (one factorisation)."""
     damping_absolute: bool = False
     """Read `damping` as the absolute lambda added to the Gram's diagonal."""
     gamma: float = 0.0
@@ -414,7 +420,7 @@ def validate(cfg: Config) -> None:
                         f"method {m!r} needs readout {METHOD_READOUT[m]!r}; add it to "
                         f"[features] readouts")
     if not s.damping > 0:
-        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 1.0)")
+        raise _fail("score", "damping", s.damping, "must be > 0 (relative default 0.03)")
     if s.residual not in RESIDUALS:
         raise _fail("score", "residual", s.residual, f"choose one of {RESIDUALS}")
     if s.topk < 1:

@@ -3,7 +3,7 @@
     G = Phi^T Phi = sum_i phi_i phi_i^T                (k x k, float64)
     G = V diag(e) V^T                                   (eigh, once)
     (G + lambda I)^-1 x = V diag(1 / (e + lambda)) V^T x (any lambda in O(k^2))
-    lambda = c * trace(G) / k (relative) or c (absolute)
+    lambda = c * (trace(G) - e_max) (relative: ``damping_scale``) or c (absolute)
     h_i = phi_i (G + lambda I)^-1 phi_i^T               (leverage)
 
 When N < k the Gram has rank <= N and the factor comes from the N x N kernel
@@ -44,9 +44,28 @@ class Factor:
     def thin(self) -> bool:
         return self.eigvecs_KK.shape[1] < self.dim
 
+    @property
+    def damping_scale(self) -> float:
+        """lambda of relative damping 1: trace(G) minus its largest eigenvalue, the one definition
+        of relative damping (``das score`` and the LDS sweep both use it; docs/DESIGN.md,
+        "Reduction").
+
+        Why not trace(G) / k: the top eigenvalue of G is a direction shared by all samples and
+        carries 40% (loss readout) to over 99% (mean readout) of the trace, so trace / k measures
+        that one direction and damps the readouts' spectra very differently; and it changes with k
+        while the best lambda does not (JL keeps the trace, benchmarks/lds_suite). Raises
+        ``ValueError`` for a Gram of rank < 2, where the scale is 0.
+        """
+        scale = self.trace - float(self.eigvals_K.max())
+        if not scale > 0:
+            raise ValueError(f"relative damping needs a Gram of rank >= 2 (trace {self.trace:.3g}, "
+                             f"top eigenvalue {float(self.eigvals_K.max()):.3g}); set [score] "
+                             f"damping_absolute = true and give lambda itself")
+        return scale
+
     def damping(self, c: float, absolute: bool = False) -> float:
-        """lambda = c * trace(G) / k, or c itself when ``absolute``."""
-        return float(c) if absolute else float(c) * self.trace / self.dim
+        """lambda = c * damping_scale (relative), or c itself when ``absolute``."""
+        return float(c) if absolute else float(c) * self.damping_scale
 
     def solve(self, x_KQ: torch.Tensor, lam: float) -> torch.Tensor:
         """(G + lam I)^-1 x for x of shape (K, Q), float64."""

@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # Flat keyword -> (section, key) of the settings tests override.
 _KEYS = {"model": ("model", "path"), "train": ("data", "train"), "store": ("store", "path"),
          **{k: ("features", k) for k in ("readouts", "timesteps", "noise_draws", "normalize", "dtype",
-                                         "batch_size", "seed", "params")},
+                                         "batch_size", "seed", "params", "noise")},
          "dim": ("projection", "dim"), "kind": ("projection", "kind"),
          "rows_per_unit": ("store", "rows_per_unit"),
          **{k: ("score", k) for k in ("methods", "damping", "gamma", "topk", "residual")}}
@@ -51,7 +51,7 @@ def write_config(path: Path, model_dir: Path, **overrides) -> Path:
 def loop_gradients(unet, scheduler, x, keys, spec):
     """Per-sample features by a for-loop of backward(): (R, B, P) grads and (B,) residuals r.
 
-    ``keys``: the noise keys, or None for the product's default (content keys of ``x``).
+    ``keys``: the noise keys, or None for content keys of ``x``.
     """
     unet.requires_grad_(True)
     keys = content_keys(x) if keys is None else keys
@@ -87,7 +87,7 @@ def brute_scores(train_feats, query_feats, residual, damping, gamma=1.0):
     for r, phi in train_feats.items():
         k = phi.shape[1]
         gram = phi.T @ phi
-        lam = damping * torch.trace(gram) / k
+        lam = damping * (torch.trace(gram) - torch.linalg.eigvalsh(gram).max())  # DESIGN "Damping"
         a = gram + lam * torch.eye(k, dtype=torch.float64)
         solved[r] = (a, torch.linalg.solve(a, query_feats[r].T))  # (k, Q)
     base = {r: (train_feats[r] @ solved[r][1]).T for r in train_feats}

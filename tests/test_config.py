@@ -32,7 +32,7 @@ path = "runs/digits.zarr"
 
 [score]
 methods = ["trak", "dtrak", "das"]
-damping = 0.01                 # relative: lambda = damping * trace(G) / k
+damping = 0.01                 # relative: lambda = damping * (trace(G) - top eigenvalue)
 topk = 10
 """
 
@@ -116,7 +116,8 @@ def test_fingerprint_covers_exactly_the_result_affecting_settings():
     changed = [("features", "timesteps", 20), ("features", "noise_draws", 2), ("features", "seed", 1),
                ("features", "normalize", True), ("features", "readouts", ("loss",)),
                ("features", "dtype", "float64"), ("projection", "dim", 512),
-               ("projection", "seed", 3), ("projection", "kind", "gaussian")]
+               ("projection", "seed", 3), ("projection", "kind", "gaussian"),
+               ("features", "noise", "content")]
 
     def with_(section, key, value):
         part = dataclasses.replace(getattr(base, section), **{key: value})

@@ -59,6 +59,25 @@ def test_dual_factor_scores_and_leverage_equal_the_full_factor():
     assert thin.trace == pytest.approx(full.trace, rel=1e-12)
 
 
+def test_relative_damping_is_the_trace_without_the_top_eigenvalue():
+    """docs/DESIGN.md "Damping": lambda = c (trace(G) - e_max(G)), the same for the thin (N < k)
+    and the full factor, unchanged when k changes, and refused for a rank-1 Gram."""
+    rng = np.random.default_rng(2)
+    shared = rng.standard_normal(64)
+    train = rng.standard_normal((12, 64)) + 5 * shared  # one dominant common direction
+    e = np.linalg.eigvalsh(train.T @ train)
+    want = 0.03 * (e.sum() - e.max())
+    thin, full = dual_factor(train), factor(gram([train], 64), 12)
+    assert thin.damping(0.03) == pytest.approx(want, rel=1e-9)
+    assert full.damping(0.03) == pytest.approx(want, rel=1e-9)
+    assert full.damping(0.03, absolute=True) == 0.03
+    # trace / k would halve from k = 64 to k = 128 on the same spectrum; this scale does not
+    wide = np.concatenate([train, np.zeros((12, 64))], axis=1)
+    assert dual_factor(wide).damping(0.03) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="damping_absolute"):
+        dual_factor(np.outer(np.arange(1.0, 4.0), shared)).damping(1.0)
+
+
 def test_sweep_equals_score_block_at_every_damping():
     """The O(k^2)-per-lambda sweep against the scoring module's own formula, per lambda."""
     rng = np.random.default_rng(1)
@@ -70,7 +89,7 @@ def test_sweep_equals_score_block_at_every_damping():
     mask = make_subsets(N, M, 0.5, seed=0)
     grid = [1e-3, 0.1, 3.0]
     variants = [Variant("trak"), Variant("das", 1.0, "r"), Variant("das_signed", 0.0, "rho")]
-    pred = sweep_predictions(tr, res, rho, qf, facs, K, grid, variants, mask, unit_rows=7)
+    pred = sweep_predictions(tr, res, rho, qf, facs, grid, variants, mask, unit_rows=7)
     for c_i, c in enumerate(grid):
         lams = {r: facs[r].damping(c) for r in tr}
         pre = {r: facs[r].solve(torch.from_numpy(qf[r].T), lams[r]) for r in tr}

@@ -21,6 +21,8 @@ CASES = {
     "N<k": dict(train="digits[0:24]", dim=32, damping=0.01, gamma=1.0),
     # N >= k at the default score settings (relative damping 1.0, gamma 0): the k x k path
     "N>=k, defaults": dict(train="digits[0:40]", dim=16, damping=None, gamma=None),
+    # the non-default noise mode (the default is common random numbers)
+    "N<k, content noise": dict(train="digits[0:24]", dim=32, damping=0.01, gamma=1.0, noise="content"),
 }
 _BRUTE: dict = {}
 
@@ -56,7 +58,7 @@ def brute(tiny_model_dir, case: str, noise: str):
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-6), ("float32", 1e-4)])
 def test_pipeline_scores_equal_brute_force(make_config, tiny_model_dir, case, dtype, tolerance):
     c = CASES[case]
-    overrides = {k: c[k] for k in ("damping", "gamma") if c[k] is not None}
+    overrides = {k: c[k] for k in ("damping", "gamma", "noise") if c.get(k) is not None}
     path = make_config(train=c["train"], queries={"q": "digits[100:104]"}, timesteps=2,
                        dim=c["dim"], rows_per_unit=8, batch_size=5, dtype=dtype, methods=METHODS,
                        **overrides)

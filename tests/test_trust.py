@@ -146,11 +146,11 @@ def test_score_refuses_a_query_set_whose_images_changed(default_run, arrays, cap
 def test_status_says_whether_reduce_and_scores_are_current(default_run, capsys, tmp_path):
     code, out, err = cli(capsys, "status", default_run)
     assert code == 0, err
-    assert "reduce       current" in out and "scores val   current (damping 1 relative" in out, out
+    assert "reduce       current" in out and "scores val   current (damping 0.03 relative" in out, out
     other_damping = default_run.with_name("damping.toml")
     other_damping.write_text(default_run.read_text().replace("topk = 10", "topk = 10\ndamping = 0.5"))
     code, out, _ = cli(capsys, "status", other_damping)
-    assert code == 0 and "scores val   stale (damping 1.0 in the store, 0.5 in the config)" in out, out
+    assert code == 0 and "scores val   stale (damping 0.03 in the store, 0.5 in the config)" in out, out
 
 
 def test_lds_eval_refuses_k_truncation_of_a_sparse_projection(tmp_path, tiny_model_dir, arrays,

@@ -3,7 +3,8 @@
 Stored scores (``das lds eval``): read ``scores/<query set>/<method>`` (Q, N), LDS per query.
 
 Damping sweep (``das lds eval --sweep``): per readout one factor G = V diag(e) V^T, then for
-each relative damping c (lambda = c * trace(G) / k) and each variant, streamed over train units:
+each relative damping c (lambda = ``Factor.damping(c)``, the rule ``das score`` uses) and each
+variant, streamed over train units:
     base(q, i) = (phi_q V) diag(1 / (e + lambda)) (phi_i V)^T,  h_i = sum (phi_i V)^2 / (e + lambda)
 which costs O(Q n k) per unit and lambda; nothing is refactored per lambda. The factor is the
 store's reduction when it exists at the evaluated k; otherwise it is computed once here, by the
@@ -132,7 +133,7 @@ def store_factor(store: Store, readout: str, train_feats_NK: np.ndarray, store_d
 
 
 def sweep_predictions(train_feats: dict[str, np.ndarray], residual_N: np.ndarray, rho_N: np.ndarray,
-                      query_feats: dict[str, np.ndarray], factors: dict[str, Factor], dim: int,
+                      query_feats: dict[str, np.ndarray], factors: dict[str, Factor],
                       grid, variants: list[Variant], mask_MN: np.ndarray,
                       unit_rows: int = 256) -> dict[str, np.ndarray]:
     """(C, Q, M) subset predictions per variant name, for every relative damping c in ``grid``.
@@ -142,7 +143,7 @@ def sweep_predictions(train_feats: dict[str, np.ndarray], residual_N: np.ndarray
     grid = np.asarray(grid, dtype=np.float64)
     N = mask_MN.shape[1]
     Q = next(iter(query_feats.values())).shape[0]
-    lam = {r: grid * f.trace / dim for r, f in factors.items()}
+    lam = {r: np.array([f.damping(c) for c in grid]) for r, f in factors.items()}
     inv = {r: 1.0 / (f.eigvals_K.numpy()[None, :] + lam[r][:, None]) for r, f in factors.items()}
     vecs = {r: f.eigvecs_KK.numpy() for r, f in factors.items()}
     cq = {r: query_feats[r] @ vecs[r] for r in factors}
@@ -264,7 +265,7 @@ def eval_sweep(store: Store, query_set: str, variants: list[Variant] | None, mas
         qf, _, _, q_uids = read_split(store, query_set, needed, k)
         F = match_queries(truth_uids, q_uids, F_MQ, len(q_uids), f"query set {query_set!r}")
         facs = {r: store_factor(store, r, tr[r], train.dim) for r in needed}
-        pred = sweep_predictions(tr, res, rho, qf, facs, k, grid, variants, mask_MN)
+        pred = sweep_predictions(tr, res, rho, qf, facs, grid, variants, mask_MN)
         out["by_k"][k] = {v.name: choose_damping(pred[v.name], F, grid, select, report, v.name).__dict__
                           for v in variants}
     return out

@@ -1,0 +1,269 @@
+"""LDS suite: the noise-mode and damping-normalisation defaults measured on several benchmark shapes.
+
+    python benchmarks/lds_suite/run.py --out runs/lds_suite [--members digits128 digits1024]
+    python benchmarks/lds_suite/run.py --out /tmp/lds_suite_mini --mini      # seconds (smoke)
+
+Per member (a training set, query sets, a store k): base model -> generated queries (optional)
+-> `das lds subsets` -> `das lds train` -> `das lds truth` -> per noise mode (content, common) and
+projection kind: `das extract` at the defaults except that setting -> one damping sweep of trak,
+dtrak and das over a lambda grid that holds every normalisation's candidate constants. Then:
+
+- best swept: lambda chosen on the selection half of each query set from the `das lds eval
+  --sweep` grid (c in 1e-5 .. 1e4, lambda = c trace(G) / k), reported on the report half;
+- per normalisation s in {trace/k, trace/min(N,k), median non-zero eigenvalue} one constant c for
+  the whole suite, chosen on the selection halves (the c whose worst shortfall against the best
+  swept selection-half LDS, over every member, split and method, is smallest), reported on the
+  report halves at lambda = c * s.
+
+Stages are resumable (models, truth, stores and per-store sweeps are kept in --out). Writes
+results.json and results.md into --out; --readme replaces the results section of this folder's
+README.md. Reuses benchmarks/lds_digits/run.py for the `das` calls and the base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def _lds_digits():
+    """benchmarks/lds_digits/run.py as a module (its `das` wrapper, base model and store check)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lds_digits_run", HERE.parent / "lds_digits" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_digits = _lds_digits()
+sys.path.insert(0, str(HERE))
+from analyse import NORMALISATIONS, analyse, markdown, scales  # noqa: E402
+
+das, store_complete, train_base = _digits.das, _digits.store_complete, _digits.train_base
+
+RECIPE = {"widths": [8, 16], "attention": False, "num_train_timesteps": 1000, "steps": 200,
+          "batch_size": 64, "lr": 3e-3, "seed": 0}
+MEMBERS = {
+    "digits128": {"train": "digits[0:128]", "val": "digits[1500:1564]", "num_generated": 64,
+                  "dim": 2048, "eval_dims": [2048, 512]},
+    "digits1024": {"train": "digits[0:1024]", "val": "digits[1500:1564]", "num_generated": 64,
+                   "dim": 1024, "eval_dims": [1024, 512]},
+    "digits256w64": {"train": "digits[0:256]", "val": "digits[1500:1564]", "num_generated": 64,
+                     "dim": 2048, "eval_dims": [2048], "recipe": {**RECIPE, "widths": [32, 64]}},
+}
+COMMON = {"recipe": RECIPE, "gen_seed": 1000, "sample_steps": 100, "num_subsets": 32,
+          "truth_timesteps": 100, "timesteps": 10, "batch_size": 64, "rows_per_unit": 64}
+MINI_MEMBERS = {
+    "mini40": {"train": "digits[0:40]", "val": "digits[1500:1510]", "num_generated": 6,
+               "dim": 64, "eval_dims": [64, 16]},
+}
+MINI_COMMON = {"recipe": {**RECIPE, "num_train_timesteps": 100, "steps": 15, "batch_size": 32},
+               "gen_seed": 1000, "sample_steps": 10, "num_subsets": 8, "truth_timesteps": 10,
+               "timesteps": 2, "batch_size": 25, "rows_per_unit": 20}
+
+NOISE_MODES = ("content", "common")
+METHODS = ("trak", "dtrak", "das")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+CANDIDATES = tuple(float(c) for c in 10.0 ** (np.arange(-20, 13) / 4))  # 1e-5 .. 1e3, quarter decades
+
+
+def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "rademacher") -> Path:
+    """examples/digits.toml with this member's data and k, at the defaults except noise and kind."""
+    import tomllib
+
+    from das_pipeline.config import dump_toml, merge
+
+    name = f"{noise}" + ("" if kind == "rademacher" else f"_{kind}")
+    raw = tomllib.loads((HERE.parents[1] / "examples" / "digits.toml").read_text())
+    queries = {"val": m["val"], **({"gen": "gen_png"} if m["num_generated"] else {})}
+    raw["data"]["queries"] = queries
+    raw["model"]["path"] = "base_model"
+    raw = merge(raw, {
+        "data": {"train": m["train"]},
+        "features": {"timesteps": s["timesteps"], "noise": noise, "batch_size": s["batch_size"]},
+        "projection": {"dim": m["dim"], "kind": kind},
+        "store": {"path": f"stores/{name}.zarr", "rows_per_unit": s["rows_per_unit"]}})
+    path = folder / f"{name}.toml"
+    path.write_text(dump_toml(raw))
+    return path
+
+
+def collisions(train_feats, residual_N, query_feats, fac, variant, lams) -> list[float]:
+    """Fraction of queries whose top-1 proponent is the training row of the same index, per lambda."""
+    import torch
+
+    from das_pipeline.scoring import attribution
+
+    r = variant.base_readout
+    vecs = fac.eigvecs_KK.numpy()
+    cq_QR, ct_NR = query_feats[r] @ vecs, train_feats[r] @ vecs
+    Q, N = cq_QR.shape[0], ct_NR.shape[0]
+    same = np.arange(Q) < N
+    out = []
+    for lam in lams:
+        base_QN = (cq_QR / (fac.eigvals_K.numpy() + lam)) @ ct_NR.T
+        s = attribution(variant.method, torch.from_numpy(base_QN),
+                        torch.from_numpy(residual_N)[None, :]).numpy()
+        out.append(float(np.mean(np.argmax(s, 1)[same] == np.arange(Q)[same])) if same.any() else 0.0)
+    return out
+
+
+def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) -> dict:
+    """Per k and split: per-query LDS (C, Q) of trak, dtrak, das at every lambda of the union grid.
+
+    The grid is the `das lds eval --sweep` grid (relative to trace/k) plus every normalisation's
+    candidate constants, all expressed as lambdas of this store's factor.
+    """
+    from das_pipeline.config import ScoreConfig, load_config
+    from das_pipeline.eval.lds import lds_from_predictions, load_subsets, load_truth
+    from das_pipeline.eval.sweep import (
+        DEFAULT_GRID,
+        Variant,
+        match_queries,
+        read_split,
+        store_factor,
+        subsets_for_truth,
+        sweep_predictions,
+    )
+    from das_pipeline.fingerprint import open_store
+
+    cfg = load_config(cfg_path)
+    store = open_store(cfg)
+    subs = load_subsets(subsets)
+    variants = [Variant("trak"), Variant("dtrak"), Variant("das", 0.0, "r")]
+    needed = ["loss", "square", "mean"]
+    train = store.split("train")
+    out = {}
+    for k in dims:
+        tr, res, rho, _ = read_split(store, "train", needed, k)
+        facs = {r: store_factor(store, r, tr[r], train.dim) for r in needed}
+        sc = {r: scales(facs[r], tr[r].shape[0]) for r in needed}
+        by = {"scales": sc, "splits": {}}
+        for split in splits:
+            F, t_uids, rows = load_truth(truth_dir / f"{split}.npz")
+            mask = subsets_for_truth(subs.mask_MN, rows)
+            qf, _, _, q_uids = read_split(store, split, needed, k)
+            F = match_queries(t_uids, q_uids, F, len(q_uids), split)
+            res_split = {}
+            for v in variants:
+                r = v.base_readout
+                lam_per_k = sc[r]["trace/k"]
+                default = facs[r].damping(ScoreConfig.damping, ScoreConfig.damping_absolute)
+                lams = np.asarray(sorted({g * lam_per_k for g in DEFAULT_GRID} | {default}
+                                         | {c * sc[r][n] for n in NORMALISATIONS for c in CANDIDATES}))
+                # sweep_predictions takes damping relative to the library's own unit (Factor.damping)
+                rel = lams / facs[r].damping(1.0)
+                pred = sweep_predictions(tr, res, rho, qf, {r: facs[r]}, rel, [v], mask)[v.name]
+                lds_CQ = np.stack([lds_from_predictions(pred[c], F) for c in range(len(rel))])
+                res_split[v.method] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(), "default": default,
+                                       "collisions": collisions(tr, res, qf, facs[r], v,
+                                                                np.asarray(DEFAULT_GRID) * lam_per_k)}
+            by["splits"][split] = res_split
+        out[str(k)] = by
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/lds_suite", help="output folder (resumable)")
+    ap.add_argument("--mini", action="store_true", help="a seconds-long smoke run")
+    ap.add_argument("--members", nargs="*", help="members to run (default: all)")
+    ap.add_argument("--kinds", nargs="*", default=["rademacher"], help="projection kinds")
+    ap.add_argument("--jobs", type=int, default=1, help="retraining processes (default 1)")
+    ap.add_argument("--until", choices=["train", "truth", "extract", "sweep"], default="sweep")
+    ap.add_argument("--readme", action="store_true", help="rewrite the README's results section")
+    args = ap.parse_args(argv)
+    import torch
+
+    from das_pipeline.eval.counterfactual import generate_queries
+
+    members, s = (MINI_MEMBERS, MINI_COMMON) if args.mini else (MEMBERS, COMMON)
+    names = args.members or list(members)
+    root = Path(args.out).resolve()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    times_path = root / "times.json"
+    root.mkdir(parents=True, exist_ok=True)
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    t0 = time.perf_counter()
+
+    def stage(key, fn, *a):
+        started = time.perf_counter()
+        result = fn(*a)
+        took = time.perf_counter() - started
+        if took > 1.0 or key not in times:
+            times[key] = took
+        times_path.write_text(json.dumps(times, indent=1))
+        print(f"[{time.perf_counter() - t0:7.1f} s] {key}: {took:.1f} s", flush=True)
+        return result
+
+    q = ["--quiet"]
+    for name in names:
+        m = members[name]
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        stage(f"{name}/train base model", train_base, out,
+              {"train": m["train"], "recipe": m.get("recipe", s["recipe"])})
+        splits = ["val"] + (["gen"] if m["num_generated"] else [])
+        if m["num_generated"] and not (out / "gen_png" / "generation.json").is_file():
+            seeds = list(range(s["gen_seed"], s["gen_seed"] + m["num_generated"]))
+            stage(f"{name}/generate queries", generate_queries, out / "base_model", out / "gen_png",
+                  seeds, s["sample_steps"])
+        base_cfg = write_config(out, m, s, "content")
+        subsets, models, truth = out / "subsets.npz", out / "models", out / "truth"
+        stage(f"{name}/lds subsets", das, ["lds", "subsets", str(base_cfg), "--num",
+                                           str(s["num_subsets"]), "--out", str(subsets), *q])
+        stage(f"{name}/lds train", das, ["lds", "train", str(base_cfg), "--subsets", str(subsets),
+                                         "--out", str(models), "--jobs", str(args.jobs), *q])
+        if args.until == "train":
+            continue
+        newest = max(p.stat().st_mtime for p in models.glob("*/das_subset.json"))
+        if not all((truth / f"{x}.npz").is_file() and (truth / f"{x}.npz").stat().st_mtime > newest
+                   for x in splits):
+            stage(f"{name}/lds truth", das, ["lds", "truth", str(base_cfg), "--subsets", str(subsets),
+                                             "--models", str(models), "--out", str(truth),
+                                             "--timesteps", str(s["truth_timesteps"]), *q])
+        if args.until == "truth":
+            continue
+        for kind in args.kinds:
+            for noise in NOISE_MODES if kind == "rademacher" else ("common",):
+                cfg = write_config(out, m, s, noise, kind)
+                if not store_complete(cfg):
+                    stage(f"{name}/extract {cfg.stem}", das, ["extract", str(cfg), *q])
+                if args.until == "extract":
+                    continue
+                path = out / "sweeps" / f"{cfg.stem}.json"
+                if not path.is_file():
+                    path.parent.mkdir(exist_ok=True)
+                    dims = m["eval_dims"] if kind != "sjlt" else [m["dim"]]
+                    result = stage(f"{name}/sweep {cfg.stem}", sweep_store, cfg, subsets, truth,
+                                   splits, dims)
+                    path.write_text(json.dumps(result))
+    if args.until != "sweep":
+        return 0
+    results = analyse(root, members, names, args.kinds, CANDIDATES)
+    results["settings"] = {"members": {n: members[n] for n in names}, "common": s,
+                           "candidates": list(CANDIDATES)}
+    results["times"] = times
+    (root / "results.json").write_text(json.dumps(results, indent=1))
+    md = markdown(results, results["settings"])
+    (root / "results.md").write_text(md)
+    print(md)
+    if args.readme:
+        readme = HERE / "README.md"
+        text = readme.read_text()
+        begin, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        readme.write_text(text[:begin] + "\n" + md + text[end:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())
