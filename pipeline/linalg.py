@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
+
 
 @dataclass
 class Factor:
@@ -54,13 +56,15 @@ class Factor:
         carries 40% (loss readout) to over 99% (mean readout) of the trace, so trace / k measures
         that one direction and damps the readouts' spectra very differently; and it changes with k
         while the best lambda does not (JL keeps the trace, benchmarks/lds_suite). Raises
-        ``ValueError`` for a Gram of rank < 2, where the scale is 0.
+        ``ConfigError`` (a user error: too few distinct training samples) for a Gram of rank < 2,
+        where the scale is 0.
         """
         scale = self.trace - float(self.eigvals_K.max())
         if not scale > 0:
-            raise ValueError(f"relative damping needs a Gram of rank >= 2 (trace {self.trace:.3g}, "
-                             f"top eigenvalue {float(self.eigvals_K.max()):.3g}); set [score] "
-                             f"damping_absolute = true and give lambda itself")
+            raise ConfigError(f"[score] damping: relative damping needs a Gram of rank >= 2 "
+                              f"(trace {self.trace:.3g}, top eigenvalue "
+                              f"{float(self.eigvals_K.max()):.3g}); set [score] damping_absolute "
+                              f"= true and give lambda itself")
         return scale
 
     def damping(self, c: float, absolute: bool = False) -> float:

@@ -193,6 +193,7 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
         group.attrs.update({
             "methods": methods, "damping": cfg.score.damping,
             "damping_absolute": cfg.score.damping_absolute, "lambda": scorer.lams,
+            "damping_rule": "absolute" if cfg.score.damping_absolute else "c * (trace(G) - e_max)",
             "gamma": cfg.score.gamma, "residual": cfg.score.residual,
             "train_digest": markers_digest(scorer.markers),
             "query_digest": markers_digest(q_markers),
