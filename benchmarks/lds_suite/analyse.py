@@ -236,3 +236,58 @@ def markdown(results: dict, settings: dict) -> str:
                 continue
             lines.append(f"| {st} | {n} | " + " | ".join(f"{lo:.2g} .. {hi:.2g}" for lo, hi in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def ks_results(root: Path, names, stores: dict[str, str], candidates) -> dict:
+    """K x S at equal cost. stores: cell label ("5x2") -> store name; the first is the reference.
+
+    Per (label, member, k, split, method): report-half LDS at the `das score` default damping and
+    at the best swept damping (chosen on the selection half), and, against the reference cell, the
+    paired per-query differences at each.
+    """
+    candidates = np.asarray(candidates)
+    summ = {label: {(m, k, sp, me): cell_summary(lam, lds, sc, candidates)
+                    for m, k, sp, me, lam, lds, sc, _ in cells(root, names, st)}
+            for label, st in stores.items()}
+    ref = next(iter(stores))
+    out = {"reference": ref, "labels": list(stores), "cells": {}}
+    for label, by in summ.items():
+        for key, s in by.items():
+            row = {"default": summarize(s["default_report_Q"]).as_dict(),
+                   "best": summarize(s["best_report_Q"]).as_dict(), "best_c": s["best_c_trace_k"]}
+            r = summ[ref].get(key)
+            if label != ref and r is not None:
+                row["default_minus_ref"] = summarize(s["default_report_Q"] - r["default_report_Q"]).as_dict()
+                row["best_minus_ref"] = summarize(s["best_report_Q"] - r["best_report_Q"]).as_dict()
+            out["cells"][f"{label}|{'|'.join(map(str, key))}"] = row
+    return out
+
+
+def ks_markdown(ks: dict, settings: dict) -> str:
+    """One table per member and k: rows (queries, method), columns per K x S cell."""
+    labels, ref = ks["labels"], ks["reference"]
+    keys = sorted({tuple(c.split("|")[1:]) for c in ks["cells"]},
+                  key=lambda t: (list(settings["members"]).index(t[0]), -int(t[1]), t[2] != "val",
+                                 METHODS.index(t[3])))
+    lines = []
+    for member, k in dict.fromkeys((t[0], t[1]) for t in keys):
+        others = [x for x in labels if x != ref]
+        lines += [f"#### {member}, k = {k}", "",
+                  "| queries | method | " + " | ".join(f"{x} default | {x} best (c)" for x in labels)
+                  + "".join(f" | {x} - {ref} default | {x} - {ref} best" for x in others) + " |",
+                  "|---|---|" + "---|" * (2 * len(labels) + 2 * len(others))]
+        for t in keys:
+            if (t[0], t[1]) != (member, k):
+                continue
+            cols = []
+            for x in labels:
+                row = ks["cells"].get(f"{x}|{'|'.join(t)}")
+                cols += ["-", "-"] if row is None else [fmt(row["default"]),
+                                                       f"{fmt(row['best'])} ({row['best_c']:.2g})"]
+            for x in others:
+                row = ks["cells"].get(f"{x}|{'|'.join(t)}")
+                cols += (["-", "-"] if row is None or "default_minus_ref" not in row
+                         else [fmt(row["default_minus_ref"]), fmt(row["best_minus_ref"])])
+            lines.append(f"| {t[2]} | {t[3]} | " + " | ".join(cols) + " |")
+        lines.append("")
+    return "\n".join(lines)

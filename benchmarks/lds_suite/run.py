@@ -45,7 +45,7 @@ def _lds_digits():
 
 _digits = _lds_digits()
 sys.path.insert(0, str(HERE))
-from analyse import NORMALISATIONS, analyse, markdown, scales  # noqa: E402
+from analyse import NORMALISATIONS, analyse, ks_markdown, ks_results, markdown, scales  # noqa: E402
 
 das, store_complete, train_base = _digits.das, _digits.store_complete, _digits.train_base
 
@@ -75,20 +75,41 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CANDIDATES = tuple(float(c) for c in 10.0 ** (np.arange(-20, 13) / 4))  # 1e-5 .. 1e3, quarter decades
 
 
-def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "rademacher") -> Path:
-    """examples/digits.toml with this member's data and k, at the defaults except noise and kind."""
+def ks_name(ks: tuple[int, int] | None, s: dict) -> str:
+    """Store-name suffix of a K x S cell ("" for the suite's own K x 1)."""
+    return "" if ks is None or tuple(ks) == (s["timesteps"], 1) else f"_k{ks[0]}s{ks[1]}"
+
+
+def parse_ks(cells: list[str]) -> list[tuple[int, int]]:
+    """["10x1", "5x2"] -> [(10, 1), (5, 2)]; every cell must have the same K*S (equal cost)."""
+    out = []
+    for c in cells:
+        k, _, s = c.lower().partition("x")
+        if not (k.isdigit() and s.isdigit() and int(k) >= 1 and int(s) >= 1):
+            raise SystemExit(f"--ks {c}: expected KxS with positive integers, e.g. 5x2")
+        out.append((int(k), int(s)))
+    if len({k * s for k, s in out}) > 1:
+        raise SystemExit(f"--ks {' '.join(cells)}: the cells must share one K*S (equal cost)")
+    return out
+
+
+def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "rademacher",
+                 ks: tuple[int, int] | None = None) -> Path:
+    """examples/digits.toml with this member's data and k, at the defaults except noise and kind
+    (and, with ks = (K, S), [features] timesteps = K, noise_draws = S)."""
     import tomllib
 
     from das_pipeline.config import dump_toml, merge
 
-    name = f"{noise}" + ("" if kind == "rademacher" else f"_{kind}")
+    name = f"{noise}" + ("" if kind == "rademacher" else f"_{kind}") + ks_name(ks, s)
+    K, S = ks if ks is not None else (s["timesteps"], 1)
     raw = tomllib.loads((HERE.parents[1] / "examples" / "digits.toml").read_text())
     queries = {"val": m["val"], **({"gen": "gen_png"} if m["num_generated"] else {})}
     raw["data"]["queries"] = queries
     raw["model"]["path"] = "base_model"
     raw = merge(raw, {
         "data": {"train": m["train"]},
-        "features": {"timesteps": s["timesteps"], "noise": noise, "batch_size": s["batch_size"]},
+        "features": {"timesteps": K, "noise_draws": S, "noise": noise, "batch_size": s["batch_size"]},
         "projection": {"dim": m["dim"], "kind": kind},
         "store": {"path": f"stores/{name}.zarr", "rows_per_unit": s["rows_per_unit"]}})
     path = folder / f"{name}.toml"
@@ -177,6 +198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mini", action="store_true", help="a seconds-long smoke run")
     ap.add_argument("--members", nargs="*", help="members to run (default: all)")
     ap.add_argument("--kinds", nargs="*", default=["rademacher"], help="projection kinds")
+    ap.add_argument("--ks", nargs="*", default=[], metavar="KxS",
+                    help="K timesteps x S noise draws cells at one K*S (common noise, rademacher, "
+                         "else defaults), e.g. 10x1 5x2 2x5; the suite's own K x 1 is the common store")
     ap.add_argument("--jobs", type=int, default=1, help="retraining processes (default 1)")
     ap.add_argument("--until", choices=["train", "truth", "extract", "sweep"], default="sweep")
     ap.add_argument("--readme", action="store_true", help="rewrite the README's results section")
@@ -186,6 +210,7 @@ def main(argv=None) -> int:
     from das_pipeline.eval.counterfactual import generate_queries
 
     members, s = (MINI_MEMBERS, MINI_COMMON) if args.mini else (MEMBERS, COMMON)
+    ks_cells = parse_ks(args.ks)
     names = args.members or list(members)
     root = Path(args.out).resolve()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -246,14 +271,35 @@ def main(argv=None) -> int:
                     result = stage(f"{name}/sweep {cfg.stem}", sweep_store, cfg, subsets, truth,
                                    splits, dims)
                     path.write_text(json.dumps(result))
+        for ks in ks_cells:  # K x S at equal cost: common noise, rademacher, the member's k
+            if not ks_name(ks, s):
+                continue  # the common store swept above
+            cfg = write_config(out, m, s, "common", ks=ks)
+            if not store_complete(cfg):
+                stage(f"{name}/extract {cfg.stem}", das, ["extract", str(cfg), *q])
+            if args.until == "extract":
+                continue
+            path = out / "sweeps" / f"{cfg.stem}.json"
+            if not path.is_file():
+                path.parent.mkdir(exist_ok=True)
+                result = stage(f"{name}/sweep {cfg.stem}", sweep_store, cfg, subsets, truth, splits,
+                               m["eval_dims"])
+                path.write_text(json.dumps(result))
     if args.until != "sweep":
         return 0
     results = analyse(root, members, names, args.kinds, CANDIDATES)
     results["settings"] = {"members": {n: members[n] for n in names}, "common": s,
                            "candidates": list(CANDIDATES)}
     results["times"] = times
-    (root / "results.json").write_text(json.dumps(results, indent=1))
     md = markdown(results, results["settings"])
+    if ks_cells:
+        stores = {f"{k}x{s_}": "common" + ks_name((k, s_), s) for k, s_ in ks_cells}
+        results["ks"] = ks_results(root, names, stores, CANDIDATES)
+        ks_md = ks_markdown(results["ks"], results["settings"])
+        (root / "ks.json").write_text(json.dumps(results["ks"], indent=1))
+        (root / "ks.md").write_text(ks_md)
+        md += "\n### K x S at equal cost\n\n" + ks_md
+    (root / "results.json").write_text(json.dumps(results, indent=1))
     (root / "results.md").write_text(md)
     print(md)
     if args.readme:
