@@ -2,6 +2,7 @@
 
     python benchmarks/lds_suite/run.py --out runs/lds_suite [--members digits128 digits1024]
     python benchmarks/lds_suite/run.py --out /tmp/lds_suite_mini --mini      # seconds (smoke)
+    python benchmarks/lds_suite/run.py --out runs/lds_suite --ks 10x1 5x2 2x5  # K x S at equal cost
 
 Per member (a training set, query sets, a store k): base model -> generated queries (optional)
 -> `das lds subsets` -> `das lds train` -> `das lds truth` -> per noise mode (content, common) and
@@ -14,6 +15,12 @@ dtrak and das over a lambda grid that holds every normalisation's candidate cons
   the whole suite, chosen on the selection halves (the c whose worst shortfall against the best
   swept selection-half LDS, over every member, split and method, is smallest), reported on the
   report halves at lambda = c * s.
+
+With --ks K1xS1 K2xS2 ... (one K*S for all cells): per member, one more common-noise store per
+cell with `[features] timesteps = K, noise_draws = S` (else the same config as the common store,
+which is the suite's own K x 1 cell), swept the same way; ks.json / ks.md hold, per cell, the
+report-half LDS at the `das score` default damping and at the best swept damping, and the paired
+per-query differences against the first cell.
 
 Stages are resumable (models, truth, stores and per-store sweeps are kept in --out). Writes
 results.json and results.md into --out; --readme replaces the results section of this folder's
