@@ -434,13 +434,13 @@ def test_errors_name_the_setting_or_layer_and_the_fix():
 
 def test_das_run_with_the_factored_engine(make_config, tmp_path):
     """`[projection] engine = "factored"` end to end: the store's features are the engine's own
-    (same content keys and items), its fingerprint names the engine, and the plan with its
+    (same noise keys and items), its fingerprint names the engine, and the plan with its
     per-layer dims is recorded beside it."""
     from das_pipeline.cli import main
     from das_pipeline.config import load_config
     from das_pipeline.data import open_dataset
     from das_pipeline.extract import feature_spec
-    from das_pipeline.features import content_keys
+    from das_pipeline.features import noise_keys
     from das_pipeline.models import load_model
     from das_pipeline.store import Store
 
@@ -458,7 +458,7 @@ def test_das_run_with_the_factored_engine(make_config, tmp_path):
     ds = open_dataset("val", cfg.data.queries["val"])
     x = ds.load(0, len(ds))
     spec = feature_spec(cfg)
-    xt, ts, target = noised_items(model.scheduler, x, content_keys(x), spec)
+    xt, ts, target = noised_items(model.scheduler, x, noise_keys(cfg.features.noise, x), spec)
     want = factored_features(model.unet, plan, xt, ts, target, spec.readouts)
     for i, r in enumerate(spec.readouts):
         got = store.split("val").group["features"][r][:]
