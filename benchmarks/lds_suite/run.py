@@ -264,34 +264,20 @@ def main(argv=None) -> int:
                                              "--timesteps", str(s["truth_timesteps"]), *q])
         if args.until == "truth":
             continue
-        for kind in args.kinds:
-            for noise in NOISE_MODES if kind == "rademacher" else ("common",):
-                cfg = write_config(out, m, s, noise, kind)
-                if not store_complete(cfg):
-                    stage(f"{name}/extract {cfg.stem}", das, ["extract", str(cfg), *q])
-                if args.until == "extract":
-                    continue
-                path = out / "sweeps" / f"{cfg.stem}.json"
-                if not path.is_file():
-                    path.parent.mkdir(exist_ok=True)
-                    dims = m["eval_dims"] if kind != "sjlt" else [m["dim"]]
-                    result = stage(f"{name}/sweep {cfg.stem}", sweep_store, cfg, subsets, truth,
-                                   splits, dims)
-                    path.write_text(json.dumps(result))
-        for ks in ks_cells:  # K x S at equal cost: common noise, rademacher, the member's k
-            if not ks_name(ks, s):
-                continue  # the common store swept above
-            cfg = write_config(out, m, s, "common", ks=ks)
+        jobs = [(write_config(out, m, s, noise, kind), m["eval_dims"] if kind != "sjlt" else [m["dim"]])
+                for kind in args.kinds for noise in (NOISE_MODES if kind == "rademacher" else ("common",))]
+        # K x S at equal cost: common noise, rademacher, the member's k (10 x 1 is the common store)
+        jobs += [(write_config(out, m, s, "common", ks=ks), m["eval_dims"]) for ks in ks_cells
+                 if ks_name(ks, s)]
+        for cfg, dims in jobs:  # extract each store unless complete, then sweep it once
             if not store_complete(cfg):
                 stage(f"{name}/extract {cfg.stem}", das, ["extract", str(cfg), *q])
-            if args.until == "extract":
-                continue
             path = out / "sweeps" / f"{cfg.stem}.json"
-            if not path.is_file():
-                path.parent.mkdir(exist_ok=True)
-                result = stage(f"{name}/sweep {cfg.stem}", sweep_store, cfg, subsets, truth, splits,
-                               m["eval_dims"])
-                path.write_text(json.dumps(result))
+            if args.until == "extract" or path.is_file():
+                continue
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(stage(f"{name}/sweep {cfg.stem}", sweep_store, cfg, subsets,
+                                             truth, splits, dims)))
     if args.until != "sweep":
         return 0
     results = analyse(root, members, names, args.kinds, CANDIDATES)
