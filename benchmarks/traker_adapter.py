@@ -30,7 +30,7 @@ import torch
 from trak import TRAKer
 from trak.modelout_functions import AbstractModelOutput
 
-from das_pipeline.features import FeatureSpec, content_keys, math_attention, noised_items
+from das_pipeline.features import FeatureSpec, math_attention, noise_keys, noised_items
 
 READOUT_OF = {"trak": "loss", "dtrak": "square"}
 
@@ -52,12 +52,14 @@ class DiffusionReadout(AbstractModelOutput):
         return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
 
 
-def noised_inputs(x_BCHW: torch.Tensor, uids: list[str], scheduler, spec: FeatureSpec):
+def noised_inputs(x_BCHW: torch.Tensor, uids: list[str], scheduler, spec: FeatureSpec,
+                  noise: str = "content"):
     """Per-sample (x_t (B, I, C, H, W), t (B, I), eps (B, I, C, H, W)) from das-pipeline's keyed
-    noise (content keys, ``features.noised_items``): the very items das-pipeline's features use.
-    ``uids`` only fixes the batch size (the noise is keyed by the pixels)."""
+    noise (``features.noise_keys`` of the ``[features] noise`` mode, ``features.noised_items``):
+    the very items das-pipeline's features use. ``uids`` only fixes the batch size (the noise is
+    never keyed by a name)."""
     assert len(uids) == len(x_BCHW)
-    xt_BI, ts_I, eps_BI = noised_items(scheduler, x_BCHW, content_keys(x_BCHW), spec)
+    xt_BI, ts_I, eps_BI = noised_items(scheduler, x_BCHW, noise_keys(noise, x_BCHW), spec)
     return xt_BI, ts_I.repeat(len(uids), 1), eps_BI
 
 
@@ -76,12 +78,13 @@ def make_traker(unet, method: str, num_train: int, save_dir: Path, dim: int, pro
 
 
 def featurize(traker: TRAKer, unet, scheduler, x_NCHW, uids, spec: FeatureSpec, batch: int,
-              device: str = "cpu") -> None:
+              device: str = "cpu", noise: str = "content") -> None:
     """Project the training gradients of every row into traker's store (model id 0)."""
     traker.load_checkpoint(unet.state_dict(), model_id=0)
     for lo in range(0, len(uids), batch):
         hi = min(len(uids), lo + batch)
-        inputs = [t.to(device) for t in noised_inputs(x_NCHW[lo:hi], uids[lo:hi], scheduler, spec)]
+        inputs = [t.to(device) for t in noised_inputs(x_NCHW[lo:hi], uids[lo:hi], scheduler, spec,
+                                                         noise)]
         with math_attention():
             traker.featurize(batch=inputs, num_samples=hi - lo)
 
@@ -106,13 +109,14 @@ def finalize(traker: TRAKer, lam: float) -> None:
 
 
 def featurize_queries(traker: TRAKer, unet, scheduler, name: str, x_QCHW, uids, spec: FeatureSpec,
-                      batch: int, device: str = "cpu") -> None:
+                      batch: int, device: str = "cpu", noise: str = "content") -> None:
     """Query features of one query set (traker requires finalized training features first)."""
     traker.start_scoring_checkpoint(exp_name=name, checkpoint=unet.state_dict(), model_id=0,
                                     num_targets=len(uids))
     for lo in range(0, len(uids), batch):
         hi = min(len(uids), lo + batch)
-        inputs = [t.to(device) for t in noised_inputs(x_QCHW[lo:hi], uids[lo:hi], scheduler, spec)]
+        inputs = [t.to(device) for t in noised_inputs(x_QCHW[lo:hi], uids[lo:hi], scheduler, spec,
+                                                         noise)]
         with math_attention():
             traker.score(batch=inputs, num_samples=hi - lo)
 

@@ -63,6 +63,8 @@ class Setup:
     timesteps: int = 10
     noise_draws: int = 1
     noise_seed: int = 0
+    noise: str = "common"
+    """[features] noise of both tools' noised inputs (das-pipeline's default)."""
     dim: int = 2048
     proj_seed: int = 0
     batch: int = 64
@@ -103,7 +105,7 @@ def traker_featurize(job: dict) -> dict:
     spec = FeatureSpec(("loss",), s.timesteps, s.noise_draws, s.noise_seed)
     traker = make_traker(unet, job["method"], len(uids), Path(job["work"]), s.dim, s.proj_seed,
                          s.device, s.traker_half)
-    featurize(traker, unet, scheduler, x, uids, spec, s.batch, s.device)
+    featurize(traker, unet, scheduler, x, uids, spec, s.batch, s.device, s.noise)
     return {"seconds": {"featurize": time.perf_counter() - t0}, "samples": {"train": len(uids)},
             "projector": type(traker.projector).__name__}
 
@@ -130,7 +132,8 @@ def traker_score(job: dict) -> dict:
     for name in s.queries:
         with np.load(Path(job["inputs"]) / f"{name}.npz") as z:
             x, uids = torch.from_numpy(z["x"]), [str(u) for u in z["uids"]]
-        featurize_queries(traker, unet, scheduler, name, x, uids, spec, s.batch, s.device)
+        featurize_queries(traker, unet, scheduler, name, x, uids, spec, s.batch, s.device,
+                          s.noise)
         num_queries += len(uids)
     t2 = time.perf_counter()
     for name in s.queries:
@@ -288,7 +291,7 @@ def setup_from_args(args, out: Path) -> Setup:
             raise ValueError(f"[features] normalize = true in {args.config}: traker has no "
                              f"per-timestep normalisation; compare with normalize = false")
         s = Setup(model=str(cfg.model.path), train=cfg.data.train, queries=dict(cfg.data.queries),
-                  timesteps=f.timesteps, noise_draws=f.noise_draws, noise_seed=f.seed,
+                  timesteps=f.timesteps, noise_draws=f.noise_draws, noise_seed=f.seed, noise=f.noise,
                   dim=cfg.projection.dim, proj_seed=cfg.projection.seed, batch=f.batch_size,
                   damping=cfg.score.damping, gamma=cfg.score.gamma, residual=cfg.score.residual)
     else:
@@ -381,7 +384,7 @@ def write_das_config(s: Setup, v: dict) -> Path:
     raw = merge(raw, {
         "model": {"path": s.model}, "data": {"train": s.train},
         "features": {"timesteps": s.timesteps, "noise_draws": s.noise_draws, "seed": s.noise_seed,
-                     "batch_size": batch},
+                     "noise": s.noise, "batch_size": batch},
         "projection": {"dim": s.dim, "seed": s.proj_seed, "kind": v["kind"]},
         "store": {"path": str(work / "store.zarr"), "rows_per_unit": batch},
         "score": {"damping": s.damping, "gamma": s.gamma, "residual": s.residual}})
@@ -435,7 +438,7 @@ def exact_scores(s: Setup, out: Path, sizes: dict[str, int], limit_bytes: float 
     import torch
 
     from das_pipeline.data import open_dataset
-    from das_pipeline.features import FeatureSpec, per_sample_gradients
+    from das_pipeline.features import FeatureSpec, noise_keys, per_sample_gradients
     from das_pipeline.models import load_model
 
     model = load_model(s.model)
@@ -448,7 +451,7 @@ def exact_scores(s: Setup, out: Path, sizes: dict[str, int], limit_bytes: float 
         ds = open_dataset(name, source)
         x = ds.load(0, len(ds))
         parts = [per_sample_gradients(model.unet, model.scheduler, x[lo:lo + s.batch],
-                                      ds.uids[lo:lo + s.batch], spec).grads_RBP
+                                      noise_keys(s.noise, x[lo:lo + s.batch]), spec).grads_RBP
                  for lo in range(0, len(ds), s.batch)]
         return torch.cat(parts, dim=1).to(torch.float64)  # (2, n, p)
 
