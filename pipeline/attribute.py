@@ -3,7 +3,7 @@
 No TOML edit: the images are written to a temporary folder under the reports folder (with a
 metadata.jsonl holding ``--prompt`` for text-conditioned models) and opened exactly as a query
 folder (``data.open_dataset`` with the config's [data] options, ``check_matches_model``); their
-features come from ``extract.unit_features`` with content-keyed noise, and their scores from the
+features come from ``extract.unit_features`` with the store's noise mode, and their scores from the
 ``score.Scorer`` that `das score` uses, so an image gives the same top-k here as in a query set.
 ``Attributor`` holds the model and the factors in memory (`das serve` keeps one).
 """
@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import Config
@@ -30,6 +29,7 @@ from .digests import uncached
 from .errors import DataError
 from .extract import Job, load_feature_model, to_devices, unit_features, unit_inputs
 from .fingerprint import data_options, open_store
+from .report import rows_from_best
 from .score import Scorer
 
 
@@ -116,29 +116,26 @@ class Attributor:
             except DataError as err:  # name the user's images, not the temporary folder
                 raise type(err)(str(err).replace(f"dataset 'attribute' ({tmp})", "the image(s)")
                                 .replace(str(tmp) + "/", "")) from None
+            with uncached():  # the pixels, for the page (latent models' inputs are latents)
+                pixels = ds.load(0, len(ds))
             with self.lock, uncached():
                 inputs = unit_inputs(self.job, None, ds, 0, {})
                 data = unit_features(self.job, self.unet, ds, 0, len(ds), inputs=inputs)
-                pixels = ds.load(0, len(ds))
                 feats = {r: torch.from_numpy(data.features[r]) for r in self.scorer.readouts}
                 best = self.scorer.topk(feats, data.excluded, k)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        uids = self.scorer.train_uids
-        queries = []
-        for q, (name, _) in enumerate(images):
-            methods = {}
-            for m, (vals, idx) in best.top.items():
-                methods[m] = [{"rank": r + 1, "train_uid": uids[int(i)], "train_row": int(i),
-                               "score": float(v)}
-                              for r, (v, i) in enumerate(zip(vals[q], idx[q], strict=True))
-                              if i >= 0 and np.isfinite(float(v))]
-            queries.append({"image": Path(name.replace("\\", "/")).name, "methods": methods})
+        labels = [Path(name.replace("\\", "/")).name for name, _ in images]
+        rows = rows_from_best(labels, [None] * len(images), None, best.top, {},
+                              self.scorer.train_uids)
+        queries = [{"image": row.label, "methods": {
+            m: [{"rank": rank, "train_uid": uid, "train_row": i, "score": v}
+                for rank, i, uid, v in entries] for m, entries in row.pro.items()}} for row in rows]
         return {"queries": queries, "_best": best, "_pixels": pixels, "_prompt": prompt}
 
     def write_page(self, result: dict) -> Path:
         """Picture and HTML page of a result under ``<reports>/attribute/<digest>.html``."""
-        from .report import Row, Thumbs, contact_sheet, html_page, rows_html, thumbnail, with_thumbs
+        from .report import Thumbs, contact_sheet, html_page, rows_html, thumbnail, with_thumbs
 
         if self._train is None:  # opened once (a folder's files are hashed or looked up)
             self._train = open_dataset("train", self.cfg.data.train, data_options(self.cfg))
@@ -146,21 +143,14 @@ class Attributor:
         u8 = to_uint8(result["_pixels"])
         stem = hashlib.sha256(u8.tobytes() + str(result["_prompt"]).encode()).hexdigest()[:16]
         page = self.folder / f"{stem}.html"
-        best = result["_best"]
-        rows = []
-        for q, query in enumerate(result["queries"]):
-            image = self.folder / f"{stem}-q{q}.png"
-            thumbnail(u8[q]).save(image)
-
-            def entries(table, q=q, opponents=False):
-                vals, idx = table
-                return [(r + 1, int(i), self.scorer.train_uids[int(i)], float(v))
-                        for r, (v, i) in enumerate(zip(vals[q], idx[q], strict=True))
-                        if i >= 0 and np.isfinite(float(v)) and (not opponents or float(v) < 0)]
-
-            rows.append(Row(query["image"], image, result["_prompt"],
-                            {m: entries(t) for m, t in best.top.items()},
-                            {m: entries(t, opponents=True) for m, t in best.bottom.items()}))
+        images = []
+        for q in range(len(result["queries"])):
+            images.append(self.folder / f"{stem}-q{q}.png")
+            thumbnail(u8[q]).save(images[-1])
+        n, prompt, best = len(images), result["_prompt"], result["_best"]
+        rows = rows_from_best([query["image"] for query in result["queries"]], images,
+                              None if prompt is None else [prompt] * n, best.top, best.bottom,
+                              self.scorer.train_uids)
         sheet = contact_sheet(rows, thumbs.path, page.with_suffix(".png"))
 
         def href(path):

@@ -51,13 +51,13 @@ class Best:
 
     def add(self, method: str, scores_Qn: torch.Tensor, q_lo: int, lo: int) -> None:
         """Merge scores (NaN = excluded) of train rows lo.. for queries q_lo..q_lo+Q."""
-        s = scores_Qn.to(torch.float64)
+        s = scores_Qn.to(torch.float64).nan_to_num(nan=-torch.inf)
         q = slice(q_lo, q_lo + s.shape[0])
-        for store, block in ((self.top, s), (self._neg, -s)):
-            if method in store:
-                val, idx = store[method]
-                val[q], idx[q] = merge_topk(val[q], idx[q], block.nan_to_num(nan=-torch.inf), lo,
-                                            self.k)
+        tables = [(self.top[method], s)]
+        if method in self._neg:  # opponents: the top-k of the negated scores (NaN stays -inf)
+            tables.append((self._neg[method], (-scores_Qn.to(torch.float64)).nan_to_num(nan=-torch.inf)))
+        for (val, idx), block in tables:
+            val[q], idx[q] = merge_topk(val[q], idx[q], block, lo, self.k)
 
     @property
     def bottom(self) -> dict:
