@@ -247,8 +247,10 @@ def submit(args) -> dict:
     for the config, model or data (before anything is submitted), and DasError when sbatch fails.
     """
     from ..config import load_config
+    from ..ensemble import refuse_ensemble
 
     cfg = load_config(args.config)
+    refuse_ensemble(cfg, "submit")
     plan = check_against_cluster(plan_from_args(args, cfg), cpus_given=bool(args.cpus_per_task))
     scripts = render(plan)
     cmds = sbatch_commands(plan.out_dir)

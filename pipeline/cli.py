@@ -24,10 +24,19 @@ USER_OS_ERRORS = {
 }
 
 
-def _config(path):
-    from .config import load_config
+ENSEMBLE_COMMANDS = ("extract", "reduce", "score", "run", "status")
+"""Commands that work with an ensemble ([[model]] list); the others refuse it in one line."""
 
-    return load_config(path)
+
+def _config(path, command: str | None = None):
+    """Load the config; ``command``: refuse an ensemble unless it is in ENSEMBLE_COMMANDS."""
+    from .config import load_config
+    from .ensemble import refuse_ensemble
+
+    cfg = load_config(path)
+    if command is not None and command not in ENSEMBLE_COMMANDS:
+        refuse_ensemble(cfg, command)
+    return cfg
 
 
 def _device(name: str) -> str:
@@ -53,7 +62,24 @@ def _device(name: str) -> str:
 def cmd_extract(args) -> int:
     from .extract import run_extract
 
-    summary = run_extract(_config(args.config), args.split or None,
+    cfg = _config(args.config)
+    if cfg.is_ensemble:
+        from .ensemble import run_extract_ensemble
+
+        for s in run_extract_ensemble(cfg, args.split or None, show_progress=not args.quiet,
+                                      partial_gram=args.partial_gram,
+                                      replace=args.replace_split or None,
+                                      replace_members=args.replace_member or None):
+            print(f"extract: member {s['member']}: rank {s['rank']}/{s['world']} wrote "
+                  f"{s['units']} units ({s['samples']} samples) in {s['seconds']:.1f} s -> "
+                  f"{s['store']}")
+        return 0
+    if args.replace_member:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--replace-member {args.replace_member[0]}: [model] is a single "
+                          f"table, not an ensemble ([[model]] list); use --replace-split")
+    summary = run_extract(cfg, args.split or None,
                           show_progress=not args.quiet, partial_gram=args.partial_gram,
                           replace=args.replace_split or None)
     print(f"extract: rank {summary['rank']}/{summary['world']} wrote {summary['units']} units "
@@ -66,14 +92,21 @@ def cmd_extract(args) -> int:
 def cmd_reduce(args) -> int:
     from .reduce import run_reduce
 
-    for readout, s in run_reduce(_config(args.config), show_progress=not args.quiet,
-                                 device=_device(args.device), partials=args.partials,
-                                 force=args.force).items():
+    cfg = _config(args.config)
+    kwargs = dict(show_progress=not args.quiet, device=_device(args.device),
+                  partials=args.partials, force=args.force)
+    if cfg.is_ensemble:
+        from .ensemble import run_reduce_ensemble
+
+        results = {f"member {i}: ": r for i, r in enumerate(run_reduce_ensemble(cfg, **kwargs))}
+    else:
+        results = {"": run_reduce(cfg, **kwargs)}
+    for who, readout, s in ((w, r, s) for w, res in results.items() for r, s in res.items()):
         if s["reused"]:
-            print(f"reduce: {readout}: reused the stored factor (train features and settings "
+            print(f"reduce: {who}{readout}: reused the stored factor (train features and settings "
                   f"unchanged; trace {s['trace']:.4g}); --force recomputes it")
             continue
-        print(f"reduce: {readout}: trace {s['trace']:.4g}, numerical rank {s['rank']}, "
+        print(f"reduce: {who}{readout}: trace {s['trace']:.4g}, numerical rank {s['rank']}, "
               f"{s['seconds']:.1f} s ({s['source']}; {s['factor']})")
     return 0
 
@@ -81,9 +114,14 @@ def cmd_reduce(args) -> int:
 def cmd_score(args) -> int:
     from .score import run_score
 
-    for name, s in run_score(_config(args.config), args.query_set or None,
-                             show_progress=not args.quiet, device=_device(args.device)).items():
-        print(f"score: {name}: {s['queries']} queries in {s['seconds']:.1f} s; top-k: "
+    cfg = _config(args.config)
+    score = run_score
+    if cfg.is_ensemble:
+        from .ensemble import run_score_ensemble as score
+    for name, s in score(cfg, args.query_set or None, show_progress=not args.quiet,
+                         device=_device(args.device)).items():
+        members = f" (mean of {s['members']} members)" if "members" in s else ""
+        print(f"score: {name}: {s['queries']} queries{members} in {s['seconds']:.1f} s; top-k: "
               f"{', '.join(s['csv'])}")
     return 0
 
@@ -91,7 +129,7 @@ def cmd_score(args) -> int:
 def cmd_report(args) -> int:
     from .report import run_report
 
-    r = run_report(_config(args.config), args.query_set or None, args.method or None,
+    r = run_report(_config(args.config, "report"), args.query_set or None, args.method or None,
                    Path(args.out) if args.out else None,
                    lds=Path(args.lds) if args.lds else None)
     print(f"report: {len(r['pages'])} pages in {r['seconds']:.1f} s -> {r['index']}")
@@ -103,7 +141,7 @@ def cmd_attribute(args) -> int:
 
     from .attribute import answer, run_attribute
 
-    result, page, seconds = run_attribute(_config(args.config), [Path(p) for p in args.image],
+    result, page, seconds = run_attribute(_config(args.config, "attribute"), [Path(p) for p in args.image],
                                           args.prompt, args.topk)
     if args.json:
         print(json.dumps(answer(result)))
@@ -120,12 +158,17 @@ def cmd_attribute(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import run_serve
 
-    run_serve(_config(args.config), args.host, args.port)
+    run_serve(_config(args.config, "serve"), args.host, args.port)
     return 0
 
 
 def cmd_run(args) -> int:
+    ensemble = _config(args.config).is_ensemble
     for step in (cmd_extract, cmd_reduce, cmd_score, cmd_report):
+        if step is cmd_report and ensemble:
+            print("report: skipped: `das report` works with one model, not an ensemble "
+                  "([[model]] list); the top-k CSVs are in the reports folder")
+            continue
         step(args)
     return 0
 
@@ -133,7 +176,10 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from .launch.status import status_lines
 
-    print("\n".join(status_lines(_config(args.config), args.stale_after)))
+    cfg = _config(args.config)
+    if cfg.is_ensemble:
+        from .ensemble import status_lines_ensemble as status_lines
+    print("\n".join(status_lines(cfg, args.stale_after)))
     return 0
 
 
@@ -148,7 +194,7 @@ def cmd_verify(args) -> int:
     from .fingerprint import open_store
     from .storecheck import verify_store
 
-    cfg = _config(args.config)
+    cfg = _config(args.config, "verify")
     root = Path(cfg.store.path) / "zarr.json"
     if root.exists():
         try:
@@ -196,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace-split", action="append", metavar="NAME",
                    help="first delete this split's stored features (and, for train, the reductions "
                    "and scores) because its data changed; then extract it again (repeatable)")
+    p.add_argument("--replace-member", action="append", type=int, metavar="I",
+                   help="ensembles: first delete member I's features (its model changed), then "
+                   "extract it again; the other members are kept (repeatable)")
     p.add_argument("--partial-gram", action="store_true",
                    help="then store the partial Gram of this rank's train units for `das reduce` "
                    "(skipped when N < k)")
@@ -237,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the float64 reduce and scoring runs: cpu "
                    "(default), cuda or cuda:N")
     p.set_defaults(split=None, query_set=None, partial_gram=False, partials="auto",
-                   replace_split=None, method=None, out=None, lds=None)
+                   replace_split=None, replace_member=None, method=None, out=None, lds=None)
     p = add("status", cmd_status, "units done per split, rate, ETA, stale units")
     p.add_argument("--stale-after", type=float, default=1800.0,
                    help="seconds after which an unmarked claim counts as stale (default 1800)")

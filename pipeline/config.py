@@ -174,7 +174,13 @@ class ScoreConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The diffusion model whose training data is attributed."""
+    """The diffusion model whose training data is attributed. For an ensemble (a `[[model]]`
+    list) this is its first member; code that supports ensembles reads ``members``."""
+    members: tuple[ModelConfig, ...] = ()
+    """The ensemble's members, in the order of the `[[model]]` array of tables (each with the
+    fields of [model]): several models of one recipe (independent trainings or checkpoints) whose
+    scores are averaged (pipeline/ensemble.py). Empty for a single [model] table, which keeps the
+    single-model store layout and fingerprint."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training set and query sets."""
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -187,6 +193,11 @@ class Config:
     """Reduction and scoring."""
     source: Path | None = None
     """The TOML file this config came from (None when built in code)."""
+
+    @property
+    def is_ensemble(self) -> bool:
+        """True for a `[[model]]` list (even of one member)."""
+        return bool(self.members)
 
     @property
     def reports_dir(self) -> Path:
@@ -272,6 +283,28 @@ def _build(cls, section: str, table: dict, base: Path):
     return cls(**kwargs)
 
 
+def _members(model, base: Path) -> tuple[ModelConfig, ...]:
+    """The `[[model]]` array of tables as ModelConfigs (empty for a single [model] table)."""
+    if not isinstance(model, list):
+        return ()
+    if not model:
+        raise ConfigError("[[model]] is an empty list: give at least one member with a path, or "
+                          "use a single [model] table")
+    members = []
+    for i, table in enumerate(model):
+        if not isinstance(table, dict):
+            raise ConfigError(f"[[model]] member {i} must be a table with path (and lora), got "
+                              f"{table!r}")
+        if "path" not in table:
+            raise ConfigError(f"[[model]] member {i}: path is missing: set it to that member's "
+                              f"diffusers pipeline folder")
+        try:
+            members.append(_build(ModelConfig, "model", table, base))
+        except ConfigError as err:
+            raise ConfigError(f"[[model]] member {i}: {err}") from None
+    return tuple(members)
+
+
 def from_dict(raw: dict, base: Path = Path("."), source: Path | None = None) -> Config:
     """Build and validate a Config from a parsed TOML table; paths resolve against ``base``."""
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -279,14 +312,19 @@ def from_dict(raw: dict, base: Path = Path("."), source: Path | None = None) -> 
         raise ConfigError(f"unknown section(s) [{'], ['.join(unknown)}]; known sections are "
                           f"[{'], ['.join(SECTIONS)}]")
     parts = {}
+    members = _members(raw.get("model", {}), base)
     for section, cls in SECTIONS.items():
         table = raw.get(section, {})
+        if section == "model" and members:
+            parts[section] = members[0]
+            continue
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table, got {table!r}")
         parts[section] = _build(cls, section, table, base)
-    if "path" not in raw.get("model", {}):
+    if not members and "path" not in raw.get("model", {}):
         raise ConfigError("[model] path is missing: set it to a diffusers pipeline folder "
                           "(unet/ and scheduler/), e.g. path = \"base_model\"")
+    parts["members"] = members
     if "path" not in raw.get("store", {}):
         raise ConfigError("[store] path is missing: set it to the zarr store folder, "
                           "e.g. path = \"runs/features.zarr\"")
@@ -320,18 +358,26 @@ def _toml_value(value: Any) -> str:
 
 
 def dump_toml(raw: dict) -> str:
-    """TOML text of a config table (sections of scalars, lists and sub-tables), for writing
+    """TOML text of a config table (sections of scalars, lists, sub-tables and arrays of tables
+    such as [[model]]), for writing
     configs from code: ``load_config`` of the result gives back ``raw``."""
     lines: list[str] = []
 
-    def table(name: str, values: dict) -> None:
-        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    def is_tables(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(t, dict) for t in v)
+
+    def table(name: str, values: dict, header: str = "[{}]") -> None:
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict) and not is_tables(v)}
         if name:
-            lines.extend(["", f"[{name}]"])
+            lines.extend(["", header.format(name)])
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
         for key, sub in values.items():
+            full = f"{name}.{key}" if name else key
             if isinstance(sub, dict):
-                table(f"{name}.{key}" if name else key, sub)
+                table(full, sub)
+            elif is_tables(sub):  # an array of tables, e.g. [[model]] (an ensemble)
+                for item in sub:
+                    table(full, item, "[[{}]]")
 
     table("", raw)
     return "\n".join(lines).lstrip() + "\n"

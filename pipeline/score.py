@@ -149,6 +149,25 @@ class Scorer:
         return best
 
 
+def read_queries(qsplit, readouts) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+    """A complete query split's features per readout (Q, K), its excluded rows (Q,) bool and
+    its markers.
+
+    Raises:
+        StoreError: the split is incomplete or a unit fails its checksums.
+    """
+    q_markers = qsplit.require_complete()
+    q_feats = {r: [] for r in readouts}
+    for u in range(qsplit.num_units):
+        data = qsplit.read_unit(u, readouts, q_markers[u])
+        for r in readouts:
+            q_feats[r].append(data.features[r])
+    q_excluded = np.zeros(qsplit.num_samples, dtype=bool)
+    q_excluded[qsplit.excluded_rows(q_markers)] = True
+    return ({r: torch.from_numpy(np.concatenate(v)) for r, v in q_feats.items()}, q_excluded,
+            q_markers)
+
+
 def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: bool = True,
               device: str = "cpu", query_block: int = 4096) -> dict:
     """Score every query set against the training set and write scores + top-k CSVs.
@@ -166,16 +185,8 @@ def run_score(cfg: Config, query_sets: list[str] | None = None, show_progress: b
     for name in names:
         started = time.perf_counter()
         qsplit = store.split(name)
-        q_markers = qsplit.require_complete()
-        q_feats = {r: [] for r in readouts}
-        for u in range(qsplit.num_units):
-            data = qsplit.read_unit(u, readouts, q_markers[u])
-            for r in readouts:
-                q_feats[r].append(data.features[r])
-        q_feats = {r: torch.from_numpy(np.concatenate(v)) for r, v in q_feats.items()}
+        q_feats, q_excluded, q_markers = read_queries(qsplit, readouts)
         Q = qsplit.num_samples
-        q_excluded = np.zeros(Q, dtype=bool)
-        q_excluded[qsplit.excluded_rows(q_markers)] = True
         group = store.root.require_group("scores").require_group(name)
         arrays = {m: group.create_array(m, shape=(Q, train.num_samples), dtype=scorer.dtype,
                                         chunks=(min(Q, query_block), train.rows_per_unit),

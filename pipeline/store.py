@@ -25,6 +25,9 @@ Layout (format 2; DESIGN.md section 2)::
       reduce/<readout>/ gram, eigvals, eigvecs
       partials/<readout>/r<rank>-w<world> (k, k) partial Gram of one rank's train units (reduce.py)
       scores/<query set>/<method>     (Q, N) scores
+      members/m<i>/                   an ensemble's root ([[model]] list) holds no splits: member
+                                      i is a whole store of this layout with its own fingerprint
+                                      (pipeline/ensemble.py); scores/ holds the members' mean
       .trash/                         what ``replace_split`` is deleting (gone once it returns)
 
 Integrity: every chunk of a split carries a crc32c (codec), so a flipped or truncated chunk
@@ -72,7 +75,7 @@ FORMAT_VERSION = 2
 MARKER_FIXED = 5  # done, rows, time, pid, rank
 MARKER_SCALARS = ("residual", "rho", "excluded")  # checksummed after the readouts
 CLAIM_WIDTH = 4  # time, pid, rank, host id
-NOT_SPLITS = ("reduce", "scores", "partials")
+NOT_SPLITS = ("reduce", "scores", "partials", "members")
 TRASH = ".trash"
 # What reading a damaged chunk raises: crc32c mismatch (ValueError), a codec's own error
 # (RuntimeError), an unreadable file (OSError).

@@ -10,10 +10,15 @@ import numpy as np
 from ..errors import ConfigError
 
 
-def _config(path):
+def _config(path, command: str | None = None):
+    """Load the config; with ``command`` (one that needs one model) refuse an ensemble."""
     from ..config import load_config
+    from ..ensemble import refuse_ensemble
 
-    return load_config(path)
+    cfg = load_config(path)
+    if command is not None:
+        refuse_ensemble(cfg, command)
+    return cfg
 
 
 def cmd_subsets(args) -> int:
@@ -37,7 +42,7 @@ def cmd_train(args) -> int:
     from ..fingerprint import data_options
     from .retrain import load_recipe, run_train
 
-    cfg = _config(args.config)
+    cfg = _config(args.config, "lds train")
     recipe = None if args.command else load_recipe(args.recipe or cfg.model.path)
     s = run_train(cfg.data.train, Path(args.subsets), Path(args.out), recipe, args.command,
                   args.jobs, threads=args.threads, log=(lambda *_: None) if args.quiet else print,
@@ -74,7 +79,12 @@ def _open_store(target: str):
     if path.suffix == ".toml":
         from ..fingerprint import open_store
 
-        return open_store(_config(path))
+        cfg = _config(path)
+        if cfg.is_ensemble:  # its root holds the mean scores (and no features to sweep)
+            from ..ensemble import open_root
+
+            return open_root(cfg, create=False)
+        return open_store(cfg)
     return Store.open_existing(path, foreign=True)
 
 
@@ -138,7 +148,7 @@ def cmd_counterfactual(args) -> int:
     from .counterfactual import run_counterfactual
     from .retrain import load_recipe
 
-    cfg = _config(args.config)
+    cfg = _config(args.config, "counterfactual")
     if args.query_set not in cfg.data.queries:
         raise ConfigError(f"--query-set {args.query_set!r} is not in [data.queries] "
                          f"({list(cfg.data.queries)})")
