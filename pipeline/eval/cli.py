@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EvalError
 
 
 def _config(path, command: str | None = None):
@@ -89,8 +89,6 @@ def _open_store(target: str):
 
 
 def _truth_files(truth: Path, query_sets: list[str] | None) -> dict[str, Path]:
-    from ..errors import EvalError
-
     if truth.is_dir():
         files = {p.stem: p for p in sorted(truth.glob("*.npz"))}
         if query_sets:
@@ -111,6 +109,10 @@ def cmd_eval(args) -> int:
     from .sweep import DEFAULT_GRID, Variant, eval_stored_scores, eval_sweep, subsets_for_truth
 
     store = _open_store(args.target)
+    if args.sweep and "members" in store.root:
+        raise EvalError(f"--sweep needs a store's features; {store.path} is an ensemble's root, "
+                        f"which holds only the members' mean scores: drop --sweep to evaluate "
+                        f"them, or sweep a single-model config of one member")
     subsets = load_subsets(args.subsets)
     report = {}
     for name, path in _truth_files(Path(args.truth), args.query_set).items():
