@@ -85,8 +85,11 @@ def _unet_shapes(member: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _kind(member: ModelConfig) -> str:
+    """The pipeline class a member's model_index.json names (read as load_model reads it)."""
+    from .models import PIXEL
+
     index = Path(member.path) / "model_index.json"
-    return json.loads(index.read_text()).get("_class_name", "?") if index.is_file() else "DDPMPipeline"
+    return json.loads(index.read_text()).get("_class_name", PIXEL) if index.is_file() else PIXEL
 
 
 def check_members(cfg: Config) -> None:
@@ -244,8 +247,8 @@ def run_reduce_ensemble(cfg: Config, **kwargs) -> list[dict]:
 
     check_members(cfg)
     open_root(cfg, create=False)
-    stores = [open_member(cfg, i) for i in range(len(cfg.members))]  # all checked first
-    del stores
+    for i in range(len(cfg.members)):  # every member checked before any work
+        open_member(cfg, i)
     return [run_reduce(member_config(cfg, i), **kwargs) for i in range(len(cfg.members))]
 
 
