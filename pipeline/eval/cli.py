@@ -109,7 +109,7 @@ def cmd_eval(args) -> int:
     from .sweep import DEFAULT_GRID, Variant, eval_stored_scores, eval_sweep, subsets_for_truth
 
     store = _open_store(args.target)
-    if args.sweep and "members" in store.root:
+    if args.sweep and "ensemble" in store.root.attrs.get("fingerprint", {}).get("model", {}):
         raise EvalError(f"--sweep needs a store's features; {store.path} is an ensemble's root, "
                         f"which holds only the members' mean scores: drop --sweep to evaluate "
                         f"them, or sweep a single-model config of one member")
