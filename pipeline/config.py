@@ -35,6 +35,9 @@ ENGINES = ("dense", "factored")
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """One model: the [model] table, or one member of a [[model]] array of tables (an ensemble:
+    several models of one recipe whose scores are averaged; ``Config.members``)."""
+
     path: Path = Path("base_model")
     """A diffusers pipeline folder, safetensors only: DDPMPipeline (unet/, scheduler/) or
     StableDiffusionPipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/), told apart by

@@ -181,7 +181,17 @@ def main(argv=None) -> int:
             f"# LDS of ensembles (1, 2, 4 models of the recipe)\n\nMeasured {args.date} on "
             f"{args.machine or 'this machine'} with\n\n```bash\n"
             f"python benchmarks/lds_suite/ensemble.py --suite {args.suite} --members "
-            f"{' '.join(names)} --markdown\n```\n\n" + md)
+            f"{' '.join(names)} --markdown\n```\n\n"
+            "after `python benchmarks/lds_suite/run.py --out runs/lds_suite --members "
+            f"{' '.join(names)} --until truth` (the suite's subsets, retrained models and truth). "
+            "Each member's ensemble: the suite's base model (recipe seed 0) and 3 more trained "
+            "with the same recipe at seeds 1, 2, 3 on the same training set; one [[model]] "
+            "store at the default settings (common noise, rademacher, the member's k, damping "
+            "0.03 relative, gamma 0); 1, 2, 4 = the first that many members scored from that "
+            "store. LDS x 100 on the report half of each query set (the suite's seeded halves), "
+            "mean [95% bootstrap interval over queries]; the last column is the per-query "
+            "difference 4 models minus 1 on the same queries, with its bootstrap interval.\n\n"
+            + md)
     return 0
 
 
