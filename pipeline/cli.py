@@ -24,7 +24,7 @@ USER_OS_ERRORS = {
 }
 
 
-ENSEMBLE_COMMANDS = ("extract", "reduce", "score", "run", "status")
+ENSEMBLE_COMMANDS = ("extract", "reduce", "score", "run", "status", "verify")
 """Commands that work with an ensemble ([[model]] list); the others refuse it in one line."""
 
 
@@ -194,7 +194,18 @@ def cmd_verify(args) -> int:
     from .fingerprint import open_store
     from .storecheck import verify_store
 
-    cfg = _config(args.config, "verify")
+    cfg = _config(args.config)
+    if cfg.is_ensemble:  # every member's store, each checked against its own fingerprint
+        from .ensemble import check_existing_members, member_dir
+
+        check_existing_members(cfg)
+        unresolved = False
+        for i in range(len(cfg.members)):
+            report = verify_store(member_dir(cfg.store.path, i), fix=args.fix)
+            print("\n".join([f"member {i} ({cfg.members[i].path}):",
+                             *("  " + line for line in report.lines())]))
+            unresolved |= bool(report.unresolved)
+        return 1 if unresolved else 0
     root = Path(cfg.store.path) / "zarr.json"
     if root.exists():
         try:

@@ -118,6 +118,8 @@ def test_ensemble_scores_are_the_mean_of_the_single_model_scores(setup, singles,
     assert fps[0] == Store.open_existing(folder / "single_a.zarr").fingerprint
     code, out, _ = cli(capsys, "status", cfg)
     assert code == 0 and "member 1" in out and "ensemble scores val: current (2 members)" in out, out
+    code, out, _ = cli(capsys, "verify", cfg)
+    assert code == 0 and "member 0" in out and "member 1" in out, out
 
 
 def test_one_member_list_equals_the_single_table(setup, singles, capsys, tmp_path):
@@ -212,7 +214,7 @@ def test_single_model_commands_refuse_an_ensemble(setup, capsys, tmp_path):
     folder, a, b = setup
     cfg = write(tmp_path / "ens.toml", folder, [a, b], tmp_path / "ens.zarr")
     for args in (("attribute", cfg, folder / "x.png"), ("serve", cfg), ("report", cfg),
-                 ("verify", cfg)):
+                 ("counterfactual", cfg, "--query-set", "val", "--out", tmp_path / "cf")):
         code, _, err = cli(capsys, *args)
         assert code == 2 and "an ensemble" in err and f"das {args[0]}" in err, (args, err)
         assert len(err.strip().splitlines()) == 1
