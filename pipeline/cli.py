@@ -24,7 +24,7 @@ USER_OS_ERRORS = {
 }
 
 
-ENSEMBLE_COMMANDS = ("extract", "reduce", "score", "run", "status", "verify")
+ENSEMBLE_COMMANDS = ("extract", "reduce", "score", "run", "status", "verify", "report")
 """Commands that work with an ensemble ([[model]] list); the others refuse it in one line."""
 
 
@@ -129,7 +129,7 @@ def cmd_score(args) -> int:
 def cmd_report(args) -> int:
     from .report import run_report
 
-    r = run_report(_config(args.config, "report"), args.query_set or None, args.method or None,
+    r = run_report(_config(args.config), args.query_set or None, args.method or None,
                    Path(args.out) if args.out else None,
                    lds=Path(args.lds) if args.lds else None)
     print(f"report: {len(r['pages'])} pages in {r['seconds']:.1f} s -> {r['index']}")
@@ -163,12 +163,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_run(args) -> int:
-    ensemble = _config(args.config).is_ensemble
     for step in (cmd_extract, cmd_reduce, cmd_score, cmd_report):
-        if step is cmd_report and ensemble:
-            print("report: skipped: `das report` works with one model, not an ensemble "
-                  "([[model]] list); the top-k CSVs are in the reports folder")
-            continue
         step(args)
     return 0
 

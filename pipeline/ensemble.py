@@ -63,8 +63,8 @@ def refuse_ensemble(cfg: Config, command: str) -> None:
     """
     if cfg.is_ensemble:
         raise ConfigError(f"[[model]] lists {len(cfg.members)} member(s) (an ensemble): `das "
-                          f"{command}` works with one model; use extract, reduce, score, run, status "
-                          f"or verify for the ensemble, or a config with a single [model] table")
+                          f"{command}` works with one model; use extract, reduce, score, run, status, "
+                          f"verify or report for the ensemble, or a config with a single [model] table")
 
 
 def _unet_shapes(member: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -331,10 +331,14 @@ def settings_html(settings: dict, lds: dict | None) -> str:
     return out
 
 
-def run_settings(cfg, store) -> dict:
-    """What a reader of a report needs to know about the run."""
+def run_settings(cfg, store, member_digests: list[str] | None = None) -> dict:
+    """What a reader of a report needs to know about the run (``member_digests``: an
+    ensemble's members' model digests)."""
     fp = store.fingerprint
-    return {"store": store.path, "model digest": fp["model"]["digest"][:16],
+    model = ({"model digest": fp["model"]["digest"][:16]} if member_digests is None else
+             {f"ensemble of {len(member_digests)} models (mean scores), digests":
+              ", ".join(member_digests)})
+    return {"store": store.path, **model,
             "training samples (N)": fp["train"]["num_samples"], "projection dim (k)":
             cfg.projection.dim, "timesteps (K)": cfg.features.timesteps, "noise draws":
             cfg.features.noise_draws, "damping": f"{cfg.score.damping:g}"
@@ -372,9 +376,21 @@ def run_report(cfg, query_sets: list[str] | None = None, methods: list[str] | No
     from .fingerprint import check_query_data, data_options, open_store
 
     started = time.perf_counter()
-    store = open_store(cfg)
     names = query_sets or list(cfg.data.queries)
-    check_query_data(cfg, store, names)
+    member_digests = None
+    if cfg.is_ensemble:  # the root's CSVs rank the members' mean; every member must be current
+        from .ensemble import check_members, member_config, open_member, open_root
+
+        check_members(cfg)
+        store = open_root(cfg, create=False)
+        member_digests = []
+        for i in range(len(cfg.members)):
+            member = open_member(cfg, i)
+            check_query_data(member_config(cfg, i), member, names)
+            member_digests.append(member.fingerprint["model"]["digest"][:12])
+    else:
+        store = open_store(cfg)
+        check_query_data(cfg, store, names)
     methods = list(methods or cfg.score.methods)
     unknown = [m for m in methods if m not in cfg.score.methods]
     if unknown:
@@ -404,7 +420,7 @@ def run_report(cfg, query_sets: list[str] | None = None, methods: list[str] | No
         links = [f"<a href='{escape(name)}/{page.name}'>{p + 1}</a>"
                  for p, page in enumerate(set_pages)]
         index.append(f"<h2>{escape(name)} ({len(qs)} queries)</h2><p>pages: {' '.join(links)}</p>")
-    index.append(settings_html(run_settings(cfg, store), lds_values))
+    index.append(settings_html(run_settings(cfg, store, member_digests), lds_values))
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(html_page("attribution report", "".join(index)))
     return {"index": out / "index.html", "pages": pages, "seconds": time.perf_counter() - started}

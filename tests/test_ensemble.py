@@ -98,7 +98,9 @@ def test_ensemble_scores_are_the_mean_of_the_single_model_scores(setup, singles,
     cfg = write(tmp_path / "ens.toml", folder, [a, b], tmp_path / "ens.zarr")
     code, out, err = cli(capsys, "run", cfg)
     assert code == 0, err
-    assert "mean of 2 members" in out and "report: skipped" in out, out
+    assert "mean of 2 members" in out and "report: 1 pages" in out, out
+    index = (load_config(cfg).reports_dir / "index.html").read_text()
+    assert "ensemble of 2 models" in index
     single_a, single_b = singles
     for m in METHODS:
         ens = read_scores(tmp_path / "ens.zarr", "val", m).astype(np.float64)
@@ -213,7 +215,8 @@ def test_config_errors_name_the_member_and_exit_2(setup, capsys, tmp_path):
 def test_single_model_commands_refuse_an_ensemble(setup, capsys, tmp_path):
     folder, a, b = setup
     cfg = write(tmp_path / "ens.toml", folder, [a, b], tmp_path / "ens.zarr")
-    for args in (("attribute", cfg, folder / "x.png"), ("serve", cfg), ("report", cfg),
+    for args in (("attribute", cfg, folder / "x.png"), ("serve", cfg),
+                 ("submit", cfg, "--array-tasks", "2", "--gpus-per-task", "1", "--dry-run"),
                  ("counterfactual", cfg, "--query-set", "val", "--out", tmp_path / "cf")):
         code, _, err = cli(capsys, *args)
         assert code == 2 and "an ensemble" in err and f"das {args[0]}" in err, (args, err)
