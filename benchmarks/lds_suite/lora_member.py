@@ -19,7 +19,8 @@ Stages (resumable, each timed): VAE -> base UNet on the base digits with caption
 LoRA fine-tune on the N train digits (the built-in LoRA recipe; this is `[model] lora`) ->
 generated queries from base + full LoRA with captions -> `das lds subsets` (M = 32, alpha =
 0.5) -> `das lds train` (a fresh LoRA fine-tune of the base per subset) -> `das lds truth` ->
-`das extract` at the defaults (common noise, K = 10, rademacher k = 2048) -> `das reduce`,
+`das extract` at the defaults but the kind (common noise, K = 10, k = 2048, `--kind`, default
+rademacher: the kind LORA.md's main table was measured with) -> `das reduce`,
 `das score` and `das lds eval` at the default damping, once with `[score] residual = "r"` and
 once with "rho" (methods trak, dtrak, das, das_signed) -> `das lds eval --sweep` over the
 sweep grid plus the default c. Every number is reported on the report half of each query set
@@ -213,9 +214,9 @@ def generate(out: Path, base: Path, lora: Path, s: dict) -> Path:
     return write_folder(folder, np.concatenate(images), prompts, "gen")
 
 
-def write_config(out: Path, s: dict, residual: str) -> Path:
-    """examples/sd_lora.toml with this member's model, adapter, data and k, at the defaults
-    otherwise (K = 10, common noise, damping 0.03, gamma 0) and [score] residual."""
+def write_config(out: Path, s: dict, residual: str, kind: str = "rademacher") -> Path:
+    """examples/sd_lora.toml with this member's model, adapter, data, k and projection kind, at
+    the defaults otherwise (K = 10, common noise, damping 0.03, gamma 0) and [score] residual."""
     import tomllib
 
     from das_pipeline.config import dump_toml, merge
@@ -229,12 +230,17 @@ def write_config(out: Path, s: dict, residual: str) -> Path:
         "model": {"path": "base", "lora": "full_lora"},
         "data": {"train": "train_images", "resize": False},
         "features": {"batch_size": 32, "vmap_chunk_size": 0, "timesteps": s["timesteps"]},
-        "projection": {"dim": s["dim"]},
-        "store": {"path": "store.zarr", "rows_per_unit": 64},
+        "projection": {"dim": s["dim"], "kind": kind},
+        "store": {"path": f"store{kind_tag(kind)}.zarr", "rows_per_unit": 64},
         "score": {"methods": list(METHODS), "residual": residual}})
-    path = out / f"lora_{residual}.toml"
+    path = out / f"lora_{residual}{kind_tag(kind)}.toml"
     path.write_text(dump_toml(raw))
     return path
+
+
+def kind_tag(kind: str) -> str:
+    """File-name suffix of a projection kind ("" for rademacher, the kind LORA.md's table used)."""
+    return "" if kind == "rademacher" else f"_{kind}"
 
 
 def variant_name(method: str, residual: str) -> str:
@@ -314,6 +320,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="`das lds train` processes (default 1)")
     ap.add_argument("--truth-check", type=int, default=0, metavar="T",
                     help="also evaluate the held-out queries against a truth of T timesteps")
+    ap.add_argument("--kind", default="rademacher", choices=("rademacher", "sjlt"),
+                    help="[projection] kind of the features (default rademacher, as LORA.md's table "
+                    "was measured; sjlt: its own store and results_sjlt.md, same models and truth)")
     args = ap.parse_args(argv)
     s = MINI if args.mini else FULL
     out = Path(args.out).resolve()
@@ -338,7 +347,8 @@ def main(argv=None) -> int:
     base = stage("base model (VAE + UNet)", build_base, out, s)
     lora = stage("full LoRA", train_full_lora, out, base, s)
     stage("generate queries", generate, out, base, lora, s)
-    cfgs = {r: write_config(out, s, r) for r in RESIDUALS}
+    cfgs = {r: write_config(out, s, r, args.kind) for r in RESIDUALS}
+    ktag = kind_tag(args.kind)
     cfg = str(cfgs["r"])
     subsets, models, truth = out / "subsets.npz", out / "models", out / "truth"
     q = ["--quiet"]
@@ -358,9 +368,9 @@ def main(argv=None) -> int:
     def das_q(key, argv):
         stage(key, das, [*argv, *q])
 
-    evaluate(das_q, cfgs, subsets, truth, out)
+    evaluate(das_q, cfgs, subsets, truth, out, ktag)
     md = ""
-    if args.truth_check:  # the same evaluation against a finer truth of the held-out queries
+    if args.truth_check and not ktag:  # the same evaluation against a finer truth of the held-out queries
         tag, fine = f"_t{args.truth_check}", out / f"truth_t{args.truth_check}"
         if not (fine / "val.npz").is_file():
             stage(f"lds truth val, {args.truth_check} timesteps", das,
@@ -371,11 +381,11 @@ def main(argv=None) -> int:
         (out / f"results{tag}.json").write_text(json.dumps(check, indent=1))
         md = f"\n### The held-out queries against a truth of {args.truth_check} timesteps\n\n" + \
             markdown(check)
-    res = analyse(out, s)
+    res = analyse(out, s, ktag)
     res["times"] = times
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / f"results{ktag}.json").write_text(json.dumps(res, indent=1))
     md = markdown(res) + md
-    (out / "results.md").write_text(md)
+    (out / f"results{ktag}.md").write_text(md)
     print(md)
     return 0
 
