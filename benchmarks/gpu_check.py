@@ -13,7 +13,12 @@ run stays under 8 minutes:
    at int64 sizes and with large fp32 values;
 3. a sweep of launch settings at the target shape B=64, p=1e7, k=32768, bf16;
 4. the benchmark table (benchmarks/projection.py on CUDA);
-5. the target line: Triton bf16 throughput / pre-materialised bf16 matmul at that shape (>= 0.5).
+5. the target line: Triton bf16 throughput / pre-materialised bf16 matmul at that shape (>= 0.5);
+6. the extraction engines on CUDA (needs diffusers; skipped with the reason otherwise): on the
+   demo UNet and the DDPM CIFAR-10 UNet (35.7M parameters) from config, sample-timesteps per
+   second of a plain training step, of the dense engine with the sparse (sjlt) Triton kernel and
+   of the factored engine, their ratio extract / train, and each engine's CUDA features against
+   the same engine on the CPU (demo UNet, float32, relative error <= 1e-4).
 
 Everything printed is also written to $OUT/gpu_check.txt when $OUT is set. Exit status 0 when the
 tests pass and the target is met, 1 otherwise.
@@ -31,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 START = time.monotonic()
 LIMIT_S = 7.5 * 60
+ENGINES_S = 100.0  # step 6's share of the limit
 LINES: list[str] = []
 
 
@@ -81,6 +87,114 @@ def run_tests(timeout_s: float) -> bool:
     if proc.returncode == 5 or "No module named pytest" in proc.stderr:
         say("tests: pytest missing; running the smoke test only")
     return proc.returncode == 0
+
+
+def load_package() -> str:
+    """Map the whole package (das_pipeline -> pipeline/) onto this checkout unless it is
+    installed; "" when it imports, else the reason (diffusers missing)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as err:
+        return f"diffusers is not installed ({err})"
+    try:
+        import das_pipeline.factored  # noqa: F401
+        return ""
+    except ImportError:
+        pass
+    package = sys.modules["das_pipeline"]  # made by projection.load_kernels
+    package.__path__ = [str(ROOT / "pipeline")]
+    import das_pipeline.factored  # noqa: F401
+    return ""
+
+
+def engines_step(deadline: float) -> bool:
+    """Training vs dense-sjlt vs factored throughput on CUDA, and CUDA vs CPU features."""
+    import torch
+
+    reason = load_package()
+    if reason:
+        say(f"engines: skipped: {reason}")
+        return True
+    from extract import build_model
+
+    from das_pipeline.factored import FactoredPlan, factored_features
+    from das_pipeline.features import FeatureSpec, noised_items, per_sample_gradients
+    from das_pipeline.kernels import project
+    from das_pipeline.recipe import ddpm_scheduler
+
+    scheduler, dim, K = ddpm_scheduler(1000), 2048, 10
+    spec = FeatureSpec(("loss", "square", "mean"), K, 1, 0)
+    ok = True
+
+    def features(unet, engine, x, plan):
+        keys = ["common"] * len(x)
+        if engine == "factored":
+            xt_BI, ts_I, target_BI = noised_items(scheduler, x, keys, spec)
+            return factored_features(unet, plan, xt_BI, ts_I, target_BI, spec.readouts).feats_RBK
+        device = next(unet.parameters()).device
+        return per_sample_gradients(unet, scheduler, x, keys, spec, project=lambda x_nP, off: project(
+            x_nP.to(device), dim, 0, "sjlt", row_offset=off)).feats_RBK
+
+    def rate(fn, items):
+        fn()  # warm-up (compilation, caches)
+        torch.cuda.synchronize()
+        t0, n = time.perf_counter(), 0
+        while n < 3 and time.perf_counter() - t0 < 20:
+            fn()
+            n += 1
+        torch.cuda.synchronize()
+        return items * n / (time.perf_counter() - t0)
+
+    def one_model(name: str, batch: int) -> bool:
+        unet, shape = build_model(name)
+        unet = unet.cuda().eval()
+        x = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).cuda()
+        opt = torch.optim.SGD(unet.parameters(), lr=0.0)
+
+        def train_step():
+            t = torch.randint(0, 1000, (batch,), device="cuda")
+            eps = torch.randn_like(x)
+            loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x, eps, t), t).sample, eps)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        unet.train()
+        train = rate(train_step, batch)
+        unet.eval()
+        plan = FactoredPlan.build(unet, None, dim, seed=0)
+        params = sum(p.numel() for p in unet.parameters())
+        line = f"  {name} ({params:,} params, B = {batch}): train {train:.0f}"
+        for engine in ("dense-sjlt", "factored"):
+            try:
+                got = rate(lambda e=engine: features(unet, e, x, plan), batch * K)
+                line += f", {engine} {got:.0f} (ratio {got / train:.2f})"
+            except torch.cuda.OutOfMemoryError:
+                line += f", {engine} out of memory"
+                torch.cuda.empty_cache()
+        say(line + f"; peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        good = True
+        if name == "demo":
+            cpu_unet, _ = build_model("demo")
+            cpu_unet.eval()
+            cpu_plan = FactoredPlan.build(cpu_unet, None, dim, seed=0)
+            for engine in ("dense-sjlt", "factored"):
+                a = features(unet, engine, x[:4], plan).cpu()
+                b = features(cpu_unet, engine, x[:4].cpu(), cpu_plan)
+                err = float((a - b).norm() / b.norm())
+                say(f"  demo {engine}: CUDA vs CPU features, relative error {err:.1e} (tolerance 1e-4)")
+                good &= err <= 1e-4
+        return good
+
+    say("engines on CUDA (K = 10, k = 2048, 3 readouts; sample-timesteps per second):")
+    for name, batch in (("demo", 32), ("cifar10", 8)):
+        if time.monotonic() > deadline - 30:
+            say(f"  {name}: skipped (time budget)")
+            continue
+        ok &= one_model(name, batch)
+        torch.cuda.empty_cache()
+        save()
+    return ok
 
 
 def main() -> int:
@@ -143,10 +257,11 @@ def main() -> int:
 
     # 4. benchmark table
     say()
-    say(f"benchmark on {projection.describe('cuda')} (time budget {max(0, left() - 20):.0f} s)")
+    table_s = max(0.0, left() - ENGINES_S - 20)  # leaves step 6 its time
+    say(f"benchmark on {projection.describe('cuda')} (time budget {table_s:.0f} s)")
     say(projection.HEADER)
     rows = projection.run("cuda", budget_s=0.3, log=lambda line: None,
-                          deadline=time.monotonic() + max(0.0, left() - 20))
+                          deadline=time.monotonic() + table_s)
     for r in rows:
         say(projection.format_row(r))
     save()
@@ -166,6 +281,17 @@ def main() -> int:
         say(f"TARGET: triton bf16 / pre-materialised bf16 matmul at B=64 p=1e7 k=32768 = {ratio:.2f} "
             f"(default launch setting; goal >= 0.5): {'met' if ratio >= 0.5 else 'NOT met'}")
         ok &= ratio >= 0.5
+    save()
+
+    # 6. extraction engines on CUDA
+    if left() > 45:
+        try:
+            ok &= engines_step(deadline=time.monotonic() + left() - 15)
+        except Exception as err:
+            say(f"engines: FAILED {type(err).__name__}: {err}")
+            ok = False
+    else:
+        say("engines: skipped (time budget)")
     say(f"gpu_check: {'PASS' if ok else 'FAIL'} in {time.monotonic() - START:.0f} s")
     save()
     return 0 if ok else 1

@@ -51,7 +51,7 @@ class Job:
 def feature_spec(cfg: Config) -> FeatureSpec:
     f = cfg.features
     return FeatureSpec(tuple(f.readouts), f.timesteps, f.noise_draws, f.seed, f.normalize,
-                       getattr(torch, f.dtype))
+                       getattr(torch, f.dtype), f.timestep_grid)
 
 
 def model_info(model: DiffusionModel, param_names: list[str]) -> dict:

@@ -44,19 +44,26 @@ class FeatureSpec:
     seed: int
     normalize: bool = False
     dtype: torch.dtype = torch.float32
+    grid: str = "uniform"
+    """``[features] timestep_grid``: uniform or centered (``timestep_grid``)."""
 
 
-def timestep_grid(num_train_timesteps: int, num_timesteps: int) -> torch.Tensor:
-    """(K,) int64: t_j = j * (T // K), j = 0..K-1."""
+def timestep_grid(num_train_timesteps: int, num_timesteps: int, grid: str = "uniform") -> torch.Tensor:
+    """(K,) int64 timesteps: uniform t_j = j * (T // K), or centered t_j = floor((j + 1/2) T / K),
+    j = 0..K-1 (distinct for every K <= T)."""
     if not 1 <= num_timesteps <= num_train_timesteps:
         raise ConfigError(f"[features] timesteps = {num_timesteps}: must be in [1, "
                          f"{num_train_timesteps}] (the scheduler's train timesteps)")
-    return torch.arange(num_timesteps, dtype=torch.int64) * (num_train_timesteps // num_timesteps)
+    j = torch.arange(num_timesteps, dtype=torch.int64)
+    if grid == "centered":
+        return (2 * j + 1) * num_train_timesteps // (2 * num_timesteps)
+    assert grid == "uniform", grid
+    return j * (num_train_timesteps // num_timesteps)
 
 
 def item_grid(spec: FeatureSpec, num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(I,) timesteps and (I,) draw indices of the K*S items, timestep-major."""
-    ts_K = timestep_grid(num_train_timesteps, spec.timesteps)
+    ts_K = timestep_grid(num_train_timesteps, spec.timesteps, spec.grid)
     ts_I = ts_K.repeat_interleave(spec.noise_draws)
     draws_I = torch.arange(spec.noise_draws).repeat(spec.timesteps)
     return ts_I, draws_I

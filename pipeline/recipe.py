@@ -47,6 +47,13 @@ def save_pipeline(unet, scheduler, folder: str | Path) -> Path:
     return folder
 
 
+def warmup_cosine(opt, steps: int, warmup: int = 100):
+    """The recipes' learning-rate schedule: linear warm-up over ``warmup`` steps times a cosine
+    decay over ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
 def train_ddpm(unet, scheduler, images_NCHW: torch.Tensor, steps: int, seed: int = 0,
                batch_size: int = 128, lr: float = 2e-3, show_progress: bool = True,
                time_budget_s: float | None = None) -> dict:
@@ -58,8 +65,7 @@ def train_ddpm(unet, scheduler, images_NCHW: torch.Tensor, steps: int, seed: int
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = warmup_cosine(opt, steps)
     unet.train()
     n = len(images_NCHW)
     T = scheduler.config.num_train_timesteps

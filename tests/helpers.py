@@ -1,6 +1,5 @@
 """Test helpers: a tiny config writer, and slow, obvious re-implementations used as references."""
 
-import math
 from pathlib import Path
 
 import tomllib
@@ -8,13 +7,13 @@ import torch
 
 from das_pipeline.config import dump_toml
 from das_pipeline.features import content_keys, item_grid, keyed_noise
-from das_pipeline.kernels.reference import matrix_block
+from das_pipeline.kernels.reference import materialize
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # Flat keyword -> (section, key) of the settings tests override.
 _KEYS = {"model": ("model", "path"), "train": ("data", "train"), "store": ("store", "path"),
          **{k: ("features", k) for k in ("readouts", "timesteps", "noise_draws", "normalize", "dtype",
-                                         "batch_size", "seed", "params", "noise")},
+                                         "batch_size", "seed", "params", "noise", "timestep_grid")},
          "dim": ("projection", "dim"), "kind": ("projection", "kind"),
          "rows_per_unit": ("store", "rows_per_unit"),
          **{k: ("score", k) for k in ("methods", "damping", "gamma", "topk", "residual")}}
@@ -75,9 +74,10 @@ def loop_gradients(unet, scheduler, x, keys, spec):
     return grads, residual.sqrt()
 
 
-def dense_projection(num_params, dim, seed):
-    """The whole P (num_params, dim) in float64, materialised from the reference formula."""
-    return matrix_block("rademacher", 0, num_params, dim, seed).double() / math.sqrt(dim)
+def dense_projection(num_params, dim, seed, kind):
+    """The whole P (num_params, dim) of ``kind`` in float64, materialised from the reference
+    formula (kernels/README.md), independently of the projection kernels."""
+    return materialize(num_params, dim, seed, kind).double()
 
 
 def brute_scores(train_feats, query_feats, residual, damping, gamma=1.0):

@@ -117,3 +117,21 @@ def test_projecting_each_tensor_as_produced_equals_projecting_the_flat_gradients
     rel = ((streamed.feats_RBK - want).norm() / want.norm()).item()
     assert rel < 1e-12, f"{kind}, normalize={normalize}: relative error {rel:.2e}"
     torch.testing.assert_close(streamed.residual_B, flat.residual_B)
+
+
+def test_timestep_grids():
+    """uniform is D-TRAK's j (T // K) from t = 0; centered the stratum midpoints; both distinct
+    and in range for every K up to T, and the grid enters the store fingerprint."""
+    from das_pipeline.config import Config, FeaturesConfig, result_settings
+    from das_pipeline.features import timestep_grid
+
+    assert timestep_grid(1000, 10).tolist() == list(range(0, 1000, 100))
+    assert timestep_grid(1000, 10, "centered").tolist() == list(range(50, 1000, 100))
+    assert timestep_grid(1000, 3, "centered").tolist() == [166, 500, 833]
+    for T, K in ((1000, 1000), (1000, 7), (10, 10), (7, 3)):
+        for grid in ("uniform", "centered"):
+            ts = timestep_grid(T, K, grid)
+            assert len(set(ts.tolist())) == K and 0 <= ts.min() and ts.max() < T, (T, K, grid)
+    a = result_settings(Config())["schedule"]
+    b = result_settings(Config(features=FeaturesConfig(timestep_grid="centered")))["schedule"]
+    assert a == "uniform:j*(T//K)" and b != a

@@ -105,9 +105,9 @@ def test_sweep_equals_score_block_at_every_damping():
 def test_truncated_features_equal_a_smaller_projection(make_config, tmp_path):
     """Column b of the projection depends on (seed, a, b) only, so k=16 is a prefix of k=64."""
     big = load_config(make_config("big.toml", dim=64, store=tmp_path / "big.zarr",
-                                  train="digits[0:20]"))
+                                  train="digits[0:20]", kind="rademacher"))
     small = load_config(make_config("small.toml", dim=16, store=tmp_path / "small.zarr",
-                                    train="digits[0:20]"))
+                                    train="digits[0:20]", kind="rademacher"))
     for cfg in (big, small):
         run_extract(cfg, show_progress=False)
     a = read_split(Store.open_existing(big.store.path), "train", ("mean",), dim=16)

@@ -68,7 +68,8 @@ def write_config(out: Path, s: dict, K: int, normalize: bool, damping=0.01, gamm
     raw = merge(raw, {
         "data": {"train": s["train"]},
         "features": {"timesteps": K, "normalize": normalize, "batch_size": s["batch_size"]},
-        "projection": {"dim": dim or max(s["dims"])},
+        # rademacher: its smaller k are prefixes of the largest (`das lds eval --k`); sjlt's are not
+        "projection": {"dim": dim or max(s["dims"]), "kind": "rademacher"},
         "store": {"path": f"stores/{store}.zarr", "rows_per_unit": s["rows_per_unit"]},
         "score": {"damping": damping, "gamma": gamma, "residual": residual}})
     path = out / f"{store}.toml"

@@ -40,13 +40,14 @@ def cmd_subsets(args) -> int:
 
 def cmd_train(args) -> int:
     from ..fingerprint import data_options
-    from .retrain import load_recipe, run_train
+    from .retrain import resolve_recipe, run_train
 
     cfg = _config(args.config, "lds train")
-    recipe = None if args.command else load_recipe(args.recipe or cfg.model.path)
-    s = run_train(cfg.data.train, Path(args.subsets), Path(args.out), recipe, args.command,
+    recipe = None if args.train_command else resolve_recipe(cfg, args.recipe)
+    base = cfg.model.path if cfg.model.lora is not None else None
+    s = run_train(cfg.data.train, Path(args.subsets), Path(args.out), recipe, args.train_command,
                   args.jobs, threads=args.threads, log=(lambda *_: None) if args.quiet else print,
-                  options=data_options(cfg))
+                  options=data_options(cfg), base_model=base)
     print(f"lds train: {s['trained']} trained, {s['skipped']} already done, {s['seconds']:.1f} s "
           f"-> {args.out}")
     return 0
@@ -66,7 +67,8 @@ def cmd_truth(args) -> int:
     subsets = load_subsets(args.subsets)
     s = run_truth({n: cfg.data.queries[n] for n in names}, Path(args.models), len(subsets.mask_MN),
                   Path(args.out), args.timesteps, args.draws, args.seed,
-                  log=(lambda *_: None) if args.quiet else print, options=data_options(cfg))
+                  log=(lambda *_: None) if args.quiet else print, options=data_options(cfg),
+                  base_model=cfg.model.path if cfg.model.lora is not None else None)
     print(f"lds truth: {s['models']} models in {s['seconds']:.1f} s -> "
           f"{', '.join(s['paths'].values())}")
     return 0
@@ -192,12 +194,15 @@ def register_lds(sub) -> None:
     p.add_argument("--out", required=True, help="output .npz")
 
     p = add("train", cmd_train, "retrain on each subset (resumable; one subset per process; a "
-            "rank of a Slurm array / accelerate launch takes subsets m = rank mod world)")
+            "rank of a Slurm array / accelerate launch takes subsets m = rank mod world); with "
+            "[model] lora, each subset is a fresh LoRA fine-tune of the base")
     p.add_argument("--subsets", required=True, help="subsets .npz")
-    p.add_argument("--out", required=True, help="folder of <m>/model pipelines")
-    p.add_argument("--recipe", help="built-in recipe JSON (default: <model path>/das_recipe.json)")
-    p.add_argument("--command", help="own training command template with {subset_file} and "
-                   "{output_dir} (also {seed}, {subset})")
+    p.add_argument("--out", required=True, help="folder of <m>/model pipelines (<m>/lora adapters)")
+    p.add_argument("--recipe", help="built-in recipe JSON (default: <model path>/das_recipe.json, "
+                   "or das_recipe.json beside the [model] lora adapter)")
+    # dest: `command` is the top-level subcommand's name, printed in error messages
+    p.add_argument("--command", dest="train_command", help="own training command template with "
+                   "{subset_file} and {output_dir} (also {seed}, {subset}, {base_model})")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
 

@@ -116,7 +116,8 @@ def check_truncatable(fingerprint: dict) -> None:
     raise EvalError(f"--k below the store's k = {proj.get('dim')} evaluates a prefix of its "
                     f"features, which is a smaller projection only for the dense rademacher and "
                     f"gaussian kinds; this store's projection is {proj}: extract a store at each k "
-                    f"instead (or drop --k)")
+                    f"instead, or one with [projection] kind = \"rademacher\" at the largest k "
+                    f"(or drop --k)")
 
 
 def store_factor(store: Store, readout: str, train_feats_NK: np.ndarray, store_dim: int) -> Factor:

@@ -5,7 +5,8 @@ with t on the uniform grid of K timesteps, eps keyed by (seed, the query's conte
 the target, inputs and conditioning built as the features build them (eps or v for v_prediction
 schedulers; VAE latents and caption embeddings for latent models): the same items for every
 model. Defaults K = 100, S = 1, seed 1 (features default to seed 0, so the truth never
-reuses the features' exact noise).
+reuses the features' exact noise). For LoRA configs model m is the base pipeline with subset m's
+adapter (``<models>/<m:04d>/lora``); the VAE and text encoder are the base's, shared by all.
 
 Legend: Q queries, I (timestep, draw) items, M subsets.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import EvalError
-from .retrain import MARKER
+from .retrain import LORA_DIR, MARKER, PIPELINE_DIR
 
 
 @dataclass
@@ -68,8 +69,9 @@ def model_output(unet, items: TruthItems, batch: int = 2048) -> np.ndarray:
     return losses.view(Q, I).mean(1).numpy()
 
 
-def model_dirs(models: Path, num_subsets: int) -> tuple[list[Path], np.ndarray]:
-    """Finished model folders and their subset rows; refuses an empty or partial set."""
+def model_dirs(models: Path, num_subsets: int, sub: str = PIPELINE_DIR) -> tuple[list[Path], np.ndarray]:
+    """Finished model (``sub`` = model) or adapter (lora) folders and their subset rows; refuses
+    an empty or partial set."""
     done = [(models / f"{m:04d}" / MARKER).is_file() for m in range(num_subsets)]
     found = [(m, models / f"{m:04d}") for m in range(num_subsets) if done[m]]
     if not found:
@@ -78,21 +80,26 @@ def model_dirs(models: Path, num_subsets: int) -> tuple[list[Path], np.ndarray]:
     if missing:
         raise EvalError(f"{len(missing)} of {num_subsets} subset models in {models} are not finished "
                        f"(e.g. {missing[:5]}); rerun `das lds train` to finish them")
-    return [p / "model" for _, p in found], np.asarray([m for m, _ in found], dtype=np.int64)
+    return [p / sub for _, p in found], np.asarray([m for m, _ in found], dtype=np.int64)
 
 
 def run_truth(query_sources: dict[str, str], models: Path, num_subsets: int, out: Path,
-              timesteps: int = 100, draws: int = 1, seed: int = 1, log=print, options=None) -> dict:
+              timesteps: int = 100, draws: int = 1, seed: int = 1, log=print, options=None,
+              base_model: Path | None = None) -> dict:
     """Write <out>/<query set>.npz (F (M, Q), query_uids, subsets) for every query set.
 
     ``options``: the config's ``DataOptions`` (resizing, captions), so queries are read as the
-    features read them.
+    features read them. ``base_model``: for LoRA configs, the pipeline each subset's adapter
+    is loaded into.
     """
     from ..data import check_matches_model, open_dataset
     from ..models import load_model
 
-    dirs, rows = model_dirs(models, num_subsets)
-    first = load_model(dirs[0])
+    def load(d: Path):
+        return load_model(d) if base_model is None else load_model(base_model, d)
+
+    dirs, rows = model_dirs(models, num_subsets, PIPELINE_DIR if base_model is None else LORA_DIR)
+    first = load(dirs[0])
     items = {}
     for name, source in query_sources.items():
         ds = open_dataset(name, source, options)
@@ -102,7 +109,7 @@ def run_truth(query_sources: dict[str, str], models: Path, num_subsets: int, out
     F = {name: np.zeros((len(dirs), len(uids))) for name, (uids, _) in items.items()}
     started = time.perf_counter()
     for j, d in enumerate(dirs):
-        model = load_model(d)
+        model = load(d)
         if model.scheduler.config.num_train_timesteps != first.scheduler.config.num_train_timesteps:
             raise EvalError(f"{d} has another scheduler than {dirs[0]}; retrain with one recipe")
         for name, (_, its) in items.items():
