@@ -82,8 +82,11 @@ def test_subsets_are_fresh_adapters_of_the_configured_shape_and_deterministic(sd
     model = load_model(sd["pipe"])
     ds = open_dataset("train", str(sd["train"]))
     rows = np.flatnonzero(subsets.mask_MN[1]).tolist()
-    latents, text = encode_rows(model, ds, rows)
-    train_lora(model, latents, text, RECIPE, int(subsets.seeds_M[1]))
+    from das_pipeline.dist import torch_threads
+
+    with torch_threads(1):  # `das lds train` trains at --threads (default 1): same reduction order
+        latents, text = encode_rows(model, ds, rows)
+        train_lora(model, latents, text, RECIPE, int(subsets.seeds_M[1]))
     from das_pipeline.lora_recipe import save_lora
 
     save_lora(model.unet, sd["root"] / "direct")
