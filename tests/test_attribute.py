@@ -96,7 +96,10 @@ def test_text_conditioned_attribute_takes_the_prompt_and_equals_score(tmp_path, 
         for m in cfg.score.methods:
             vals, rows = read_topk_csv(cfg.reports_dir / "self" / f"{m}_topk.csv", 2)
             assert [e["train_row"] for e in got[m]] == rows[q].tolist(), (m, q)
-            # 1e-5, not 1e-6: the query set's VAE and text encoder ran on a batch of 2, this one
-            # on a batch of 1, and float32 convolutions round differently per batch (measured 2e-6)
+            # 1e-5 of the query's largest score, not 1e-6: the query set's VAE and text encoder
+            # ran on a batch of 2, this one on a batch of 1, and float32 convolutions round
+            # differently per batch (measured 2e-6 of the top score; up to 1.6e-5 of a smaller one)
+            scale = float(np.abs(vals[q]).max())
             np.testing.assert_allclose([e["score"] for e in got[m]], vals[q], rtol=1e-5,
-                                       err_msg=f"{m} query {q}: attribute vs score, rel 1e-5")
+                                       atol=1e-5 * scale,
+                                       err_msg=f"{m} query {q}: attribute vs score, 1e-5 of the top")
