@@ -99,6 +99,7 @@ MINI_COMMON = {"recipe": {**RECIPE, "num_train_timesteps": 100, "steps": 15, "ba
 NOISE_MODES = ("content", "common")
 METHODS = ("trak", "dtrak", "das")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+EXACT_BEGIN, EXACT_END = "<!-- exact:begin -->", "<!-- exact:end -->"
 CANDIDATES = tuple(float(c) for c in 10.0 ** (np.arange(-20, 13) / 4))  # 1e-5 .. 1e3, quarter decades
 
 
@@ -261,7 +262,9 @@ def main(argv=None) -> int:
     ap.add_argument("--until", choices=["train", "truth", "extract", "sweep"], default="sweep")
     ap.add_argument("--no-exact", dest="exact", action="store_false",
                     help="skip the exact-kernel reference (unprojected float64 features)")
-    ap.add_argument("--readme", action="store_true", help="rewrite the README's results section")
+    ap.add_argument("--readme", nargs="?", const="all", choices=["all", "exact"],
+                    help="rewrite the README's results section and its exact-kernel section "
+                         "(all), or only the latter (exact: members not rerun keep their results)")
     args = ap.parse_args(argv)
     import torch
 
@@ -351,8 +354,9 @@ def main(argv=None) -> int:
     results["times"] = times
     md = markdown(results, results["settings"])
     results["exact"] = exact_results(root, members, names)
+    exact_md = exact_markdown(results["exact"], members)
     if results["exact"]:
-        md += "\n### Against the exact kernel, per benchmark\n\n" + exact_markdown(results["exact"], members)
+        md += "\n### Against the exact kernel, per benchmark\n\n" + exact_md
     if ks_cells:
         stores = {f"{k}x{s_}": "common" + ks_name((k, s_), s) for k, s_ in ks_cells}
         results["ks"] = ks_results(root, names, stores, CANDIDATES)
@@ -366,8 +370,13 @@ def main(argv=None) -> int:
     if args.readme:
         readme = HERE / "README.md"
         text = readme.read_text()
-        begin, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        readme.write_text(text[:begin] + "\n" + md + text[end:])
+        blocks = [(EXACT_BEGIN, EXACT_END, exact_md)]
+        if args.readme == "all":
+            blocks.append((BEGIN, END, md.split("\n### Against the exact kernel")[0]))
+        for b, e, body in blocks:
+            begin, end = text.index(b) + len(b), text.index(e)
+            text = text[:begin] + "\n" + body + text[end:]
+        readme.write_text(text)
     return 0
 
 
