@@ -63,7 +63,15 @@ def _lds_digits():
 
 _digits = _lds_digits()
 sys.path.insert(0, str(HERE))
-from analyse import NORMALISATIONS, analyse, ks_markdown, ks_results, markdown, scales  # noqa: E402
+from analyse import (  # noqa: E402
+    NORMALISATIONS,
+    analyse,
+    ks_markdown,
+    ks_results,
+    markdown,
+    scales,
+    summary,
+)
 from exact import exact_kernels, sweep_exact  # noqa: E402
 from exact_tables import exact_markdown, exact_results  # noqa: E402
 
@@ -370,7 +378,9 @@ def main(argv=None) -> int:
     if args.readme:
         readme = HERE / "README.md"
         text = readme.read_text()
-        blocks = [(EXACT_BEGIN, EXACT_END, exact_md)]
+        rerun = ("Summary of the members run with this command (columns as in Results):\n\n"
+                 + "\n".join(summary(results, results["settings"])) + "\n\n")
+        blocks = [(EXACT_BEGIN, EXACT_END, rerun + exact_md)]
         if args.readme == "all":
             blocks.append((BEGIN, END, md.split("\n### Against the exact kernel")[0]))
         for b, e, body in blocks:
