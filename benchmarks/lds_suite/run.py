@@ -266,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", nargs="*", default=[], metavar="KxS",
                     help="K timesteps x S noise draws cells at one K*S (common noise, rademacher, "
                          "else defaults), e.g. 10x1 5x2 2x5; the suite's own K x 1 is the common store")
+    ap.add_argument("--noise-modes", nargs="+", choices=NOISE_MODES, default=list(NOISE_MODES),
+                    help="noise modes of the rademacher stores (default: content common)")
     ap.add_argument("--jobs", type=int, default=1, help="retraining processes (default 1)")
     ap.add_argument("--until", choices=["train", "truth", "extract", "sweep"], default="sweep")
     ap.add_argument("--no-exact", dest="exact", action="store_false",
@@ -331,7 +333,8 @@ def main(argv=None) -> int:
         if args.until == "truth":
             continue
         jobs = [(write_config(out, m, s, noise, kind), m["eval_dims"] if kind != "sjlt" else [m["dim"]])
-                for kind in args.kinds for noise in (NOISE_MODES if kind == "rademacher" else ("common",))]
+                for kind in args.kinds
+                for noise in (args.noise_modes if kind == "rademacher" else ("common",))]
         # K x S at equal cost: common noise, rademacher, the member's k (10 x 1 is the common store)
         jobs += [(write_config(out, m, s, "common", ks=ks), m["eval_dims"]) for ks in ks_cells
                  if ks_name(ks, s)]
