@@ -85,7 +85,8 @@ MEMBERS = {
     "digits1024": {"train": "digits[0:1024]", "val": "digits[1500:1564]", "num_generated": 64,
                    "dim": 1024, "eval_dims": [1024, 512]},
     "digits256w64": {"train": "digits[0:256]", "val": "digits[1500:1564]", "num_generated": 64,
-                     "dim": 2048, "eval_dims": [2048], "recipe": {**RECIPE, "widths": [32, 64]}},
+                     "dim": 2048, "eval_dims": [2048], "recipe": {**RECIPE, "widths": [32, 64]},
+                     "extra_dims": [8192]},
     # RGB 16x16 patches of scikit-learn's two sample photographs (make_patches); paths are
     # relative to the member's folder
     "patches256": {"train": "data/train.npy", "val": "data/val.npy", "num_generated": 64,
