@@ -104,10 +104,11 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
                       for key, s in summ[st].items() if key[3] == me]
                 if cs:
                     results["best_c"][f"{st}|{n}|{me}"] = [min(cs), max(cs)]
-    for st in NOISE_MODES:
-        results["constants"][st] = {n: choose_constant(list(summ[st].values()), n, candidates)
-                                    for n in NORMALISATIONS}
-    for st in stores:
+    for st in NOISE_MODES:  # a noise mode without stores (run.py --noise-modes) has no constants
+        if summ[st]:
+            results["constants"][st] = {n: choose_constant(list(summ[st].values()), n, candidates)
+                                        for n in NORMALISATIONS}
+    for st in [st for st in stores if summ[st]]:
         consts = results["constants"]["common" if st.startswith("common") else st]
         for key, s in summ[st].items():
             row = {"best": summarize(s["best_report_Q"]).as_dict(), "best_c": s["best_c_trace_k"],

@@ -3,6 +3,7 @@
     python benchmarks/lds_suite/run.py --out runs/lds_suite [--members digits128 digits1024]
     python benchmarks/lds_suite/run.py --out /tmp/lds_suite_mini --mini      # seconds (smoke)
     python benchmarks/lds_suite/run.py --out runs/lds_suite --ks 10x1 5x2 2x5  # K x S at equal cost
+    python benchmarks/lds_suite/run.py --out runs/lds_suite --members digits128 patches256 --jobs 2
 
 Per member (a training set, query sets, a store k): base model -> generated queries (optional)
 -> `das lds subsets` -> `das lds train` -> `das lds truth` -> per noise mode (content, common) and
@@ -21,6 +22,16 @@ cell with `[features] timesteps = K, noise_draws = S` (else the same config as t
 which is the suite's own K x 1 cell), swept the same way; ks.json / ks.md hold, per cell, the
 report-half LDS at the `das score` default damping and at the best swept damping, and the paired
 per-query differences against the first cell.
+
+Exact-kernel reference (exact.py; skipped with --no-exact): per member, the unprojected float64
+per-sample gradient features of the common store's config (same model, data, keyed noise and K)
+for every row, their kernels, and the same sweep in kernel form (sweeps/exact.json). A member's
+"extra_dims" adds common stores at those k (e.g. 8192 > N), swept at that k only; exact_tables.py
+writes one table per member against the exact kernel (results.md, "Against the exact kernel").
+
+Members: digits (scikit-learn's 8 x 8 digits) and patches256, RGB 16 x 16 crops of scikit-learn's
+two sample photographs (make_patches; train and val from disjoint regions, gen sampled from the
+member's base model).
 
 Stages are resumable (models, truth, stores and per-store sweeps are kept in --out). Writes
 results.json and results.md into --out; --readme replaces the results section of this folder's
@@ -52,7 +63,17 @@ def _lds_digits():
 
 _digits = _lds_digits()
 sys.path.insert(0, str(HERE))
-from analyse import NORMALISATIONS, analyse, ks_markdown, ks_results, markdown, scales  # noqa: E402
+from analyse import (  # noqa: E402
+    NORMALISATIONS,
+    analyse,
+    ks_markdown,
+    ks_results,
+    markdown,
+    scales,
+    summary,
+)
+from exact import exact_kernels, sweep_exact  # noqa: E402
+from exact_tables import exact_markdown, exact_results  # noqa: E402
 
 das, store_complete, train_base = _digits.das, _digits.store_complete, _digits.train_base
 
@@ -60,17 +81,25 @@ RECIPE = {"widths": [8, 16], "attention": False, "num_train_timesteps": 1000, "s
           "batch_size": 64, "lr": 3e-3, "seed": 0}
 MEMBERS = {
     "digits128": {"train": "digits[0:128]", "val": "digits[1500:1564]", "num_generated": 64,
-                  "dim": 2048, "eval_dims": [2048, 512]},
+                  "dim": 2048, "eval_dims": [2048, 512], "extra_dims": [8192]},
     "digits1024": {"train": "digits[0:1024]", "val": "digits[1500:1564]", "num_generated": 64,
                    "dim": 1024, "eval_dims": [1024, 512]},
     "digits256w64": {"train": "digits[0:256]", "val": "digits[1500:1564]", "num_generated": 64,
-                     "dim": 2048, "eval_dims": [2048], "recipe": {**RECIPE, "widths": [32, 64]}},
+                     "dim": 2048, "eval_dims": [2048], "recipe": {**RECIPE, "widths": [32, 64]},
+                     "extra_dims": [8192]},
+    # RGB 16x16 patches of scikit-learn's two sample photographs (make_patches); paths are
+    # relative to the member's folder
+    "patches256": {"train": "data/train.npy", "val": "data/val.npy", "num_generated": 64,
+                   "dim": 2048, "eval_dims": [2048, 512], "patches": {"train": 256, "val": 64},
+                   "extra_dims": [8192]},
 }
 COMMON = {"recipe": RECIPE, "gen_seed": 1000, "sample_steps": 100, "num_subsets": 32,
           "truth_timesteps": 100, "timesteps": 10, "batch_size": 64, "rows_per_unit": 64}
 MINI_MEMBERS = {
     "mini40": {"train": "digits[0:40]", "val": "digits[1500:1510]", "num_generated": 6,
-               "dim": 64, "eval_dims": [64, 16]},
+               "dim": 64, "eval_dims": [64, 16], "extra_dims": [128]},
+    "minipatch": {"train": "data/train.npy", "val": "data/val.npy", "num_generated": 6,
+                  "dim": 64, "eval_dims": [64], "patches": {"train": 24, "val": 8}},
 }
 MINI_COMMON = {"recipe": {**RECIPE, "num_train_timesteps": 100, "steps": 15, "batch_size": 32},
                "gen_seed": 1000, "sample_steps": 10, "num_subsets": 8, "truth_timesteps": 10,
@@ -79,6 +108,7 @@ MINI_COMMON = {"recipe": {**RECIPE, "num_train_timesteps": 100, "steps": 15, "ba
 NOISE_MODES = ("content", "common")
 METHODS = ("trak", "dtrak", "das")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+EXACT_BEGIN, EXACT_END = "<!-- exact:begin -->", "<!-- exact:end -->"
 CANDIDATES = tuple(float(c) for c in 10.0 ** (np.arange(-20, 13) / 4))  # 1e-5 .. 1e3, quarter decades
 
 
@@ -100,15 +130,44 @@ def parse_ks(cells: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+def make_patches(folder: Path, num_train: int, num_val: int, size: int = 16, downscale: int = 2,
+                 seed: int = 0) -> None:
+    """train.npy / val.npy (n, 3, size, size) uint8: random crops of scikit-learn's two sample
+    photographs (china.jpg, flower.jpg, 427 x 640 RGB) downscaled by ``downscale``, half of each
+    set from each photograph. Train crops lie in the left 5/8 of a photograph, validation crops in
+    its right 5/16 (disjoint regions, a gap between). Seeded; the same arrays on every run."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    if (folder / "train.npy").is_file() and (folder / "val.npy").is_file():
+        return
+    rng = np.random.default_rng(seed)
+    sets = {"train": [], "val": []}
+    for photo in load_sample_images().images:
+        h, w = photo.shape[0] // downscale, photo.shape[1] // downscale
+        small = np.asarray(Image.fromarray(photo).resize((w, h), Image.BOX))
+        regions = {"train": (0, w * 5 // 8), "val": (w * 11 // 16, w)}
+        for name, num in (("train", num_train), ("val", num_val)):
+            lo, hi = regions[name]
+            for _ in range(num // 2):
+                y, x = rng.integers(0, h - size + 1), rng.integers(lo, hi - size + 1)
+                sets[name].append(small[y:y + size, x:x + size].transpose(2, 0, 1))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, crops in sets.items():
+        np.save(folder / f"{name}.npy", np.stack(crops).astype(np.uint8))
+
+
 def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "rademacher",
-                 ks: tuple[int, int] | None = None) -> Path:
+                 ks: tuple[int, int] | None = None, dim: int | None = None) -> Path:
     """examples/digits.toml with this member's data and k, at the defaults except noise and kind
-    (and, with ks = (K, S), [features] timesteps = K, noise_draws = S)."""
+    (and, with ks = (K, S), [features] timesteps = K, noise_draws = S; with dim, that k)."""
     import tomllib
 
     from das_pipeline.config import dump_toml, merge
 
-    name = f"{noise}" + ("" if kind == "rademacher" else f"_{kind}") + ks_name(ks, s)
+    dim = dim or m["dim"]
+    name = (f"{noise}" + ("" if kind == "rademacher" else f"_{kind}") + ks_name(ks, s)
+            + ("" if dim == m["dim"] else f"_dim{dim}"))
     K, S = ks if ks is not None else (s["timesteps"], 1)
     raw = tomllib.loads((HERE.parents[1] / "examples" / "digits.toml").read_text())
     queries = {"val": m["val"], **({"gen": "gen_png"} if m["num_generated"] else {})}
@@ -117,7 +176,7 @@ def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "radema
     raw = merge(raw, {
         "data": {"train": m["train"]},
         "features": {"timesteps": K, "noise_draws": S, "noise": noise, "batch_size": s["batch_size"]},
-        "projection": {"dim": m["dim"], "kind": kind},
+        "projection": {"dim": dim, "kind": kind},
         "store": {"path": f"stores/{name}.zarr", "rows_per_unit": s["rows_per_unit"]}})
     path = folder / f"{name}.toml"
     path.write_text(dump_toml(raw))
@@ -208,9 +267,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", nargs="*", default=[], metavar="KxS",
                     help="K timesteps x S noise draws cells at one K*S (common noise, rademacher, "
                          "else defaults), e.g. 10x1 5x2 2x5; the suite's own K x 1 is the common store")
+    ap.add_argument("--noise-modes", nargs="+", choices=NOISE_MODES, default=list(NOISE_MODES),
+                    help="noise modes of the rademacher stores (default: content common)")
     ap.add_argument("--jobs", type=int, default=1, help="retraining processes (default 1)")
     ap.add_argument("--until", choices=["train", "truth", "extract", "sweep"], default="sweep")
-    ap.add_argument("--readme", action="store_true", help="rewrite the README's results section")
+    ap.add_argument("--no-exact", dest="exact", action="store_false",
+                    help="skip the exact-kernel reference (unprojected float64 features)")
+    ap.add_argument("--readme", nargs="?", const="all", choices=["all", "exact"],
+                    help="rewrite the README's results section and its exact-kernel section "
+                         "(all), or only the latter (exact: members not rerun keep their results)")
     args = ap.parse_args(argv)
     import torch
 
@@ -241,8 +306,12 @@ def main(argv=None) -> int:
         m = members[name]
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
+        if "patches" in m:
+            stage(f"{name}/make patches", make_patches, out / "data", m["patches"]["train"],
+                  m["patches"]["val"])
         stage(f"{name}/train base model", train_base, out,
-              {"train": m["train"], "recipe": m.get("recipe", s["recipe"])})
+              {"train": str(out / m["train"]) if "patches" in m else m["train"],
+               "recipe": m.get("recipe", s["recipe"])})
         splits = ["val"] + (["gen"] if m["num_generated"] else [])
         if m["num_generated"] and not (out / "gen_png" / "generation.json").is_file():
             seeds = list(range(s["gen_seed"], s["gen_seed"] + m["num_generated"]))
@@ -265,10 +334,13 @@ def main(argv=None) -> int:
         if args.until == "truth":
             continue
         jobs = [(write_config(out, m, s, noise, kind), m["eval_dims"] if kind != "sjlt" else [m["dim"]])
-                for kind in args.kinds for noise in (NOISE_MODES if kind == "rademacher" else ("common",))]
+                for kind in args.kinds
+                for noise in (args.noise_modes if kind == "rademacher" else ("common",))]
         # K x S at equal cost: common noise, rademacher, the member's k (10 x 1 is the common store)
         jobs += [(write_config(out, m, s, "common", ks=ks), m["eval_dims"]) for ks in ks_cells
                  if ks_name(ks, s)]
+        # a larger k than the member's (N < k), against the exact kernel: swept at that k only
+        jobs += [(write_config(out, m, s, "common", dim=d), [d]) for d in m.get("extra_dims", [])]
         for cfg, dims in jobs:  # extract each store unless complete, then sweep it once
             if not store_complete(cfg):
                 stage(f"{name}/extract {cfg.stem}", das, ["extract", str(cfg), *q])
@@ -278,6 +350,14 @@ def main(argv=None) -> int:
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(stage(f"{name}/sweep {cfg.stem}", sweep_store, cfg, subsets,
                                              truth, splits, dims)))
+        exact_sweep = out / "sweeps" / "exact.json"
+        if args.exact and args.until == "sweep" and not exact_sweep.is_file():
+            # the exact kernel of the common store's features (same noise, K, model, data)
+            (out / "exact").mkdir(exist_ok=True)
+            kern = stage(f"{name}/exact kernels", exact_kernels, write_config(out, m, s, "common"),
+                         out / "exact" / "common.npz")
+            exact_sweep.write_text(json.dumps(stage(f"{name}/sweep exact", sweep_exact, kern, subsets,
+                                                    truth, splits)))
     if args.until != "sweep":
         return 0
     results = analyse(root, members, names, args.kinds, CANDIDATES)
@@ -285,6 +365,10 @@ def main(argv=None) -> int:
                            "candidates": list(CANDIDATES)}
     results["times"] = times
     md = markdown(results, results["settings"])
+    results["exact"] = exact_results(root, members, names)
+    exact_md = exact_markdown(results["exact"], members)
+    if results["exact"]:
+        md += "\n### Against the exact kernel, per benchmark\n\n" + exact_md
     if ks_cells:
         stores = {f"{k}x{s_}": "common" + ks_name((k, s_), s) for k, s_ in ks_cells}
         results["ks"] = ks_results(root, names, stores, CANDIDATES)
@@ -298,8 +382,15 @@ def main(argv=None) -> int:
     if args.readme:
         readme = HERE / "README.md"
         text = readme.read_text()
-        begin, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        readme.write_text(text[:begin] + "\n" + md + text[end:])
+        rerun = ("Summary of the members run with this command (columns as in Results):\n\n"
+                 + "\n".join(summary(results, results["settings"])) + "\n\n")
+        blocks = [(EXACT_BEGIN, EXACT_END, rerun + exact_md)]
+        if args.readme == "all":
+            blocks.append((BEGIN, END, md.split("\n### Against the exact kernel")[0]))
+        for b, e, body in blocks:
+            begin, end = text.index(b) + len(b), text.index(e)
+            text = text[:begin] + "\n" + body + text[end:]
+        readme.write_text(text)
     return 0
 
 
