@@ -47,20 +47,31 @@ def recipe_folder(lora: str | Path) -> Path:
     return lora.parent if lora.is_file() else lora
 
 
+def read_recipe_json(path: str | Path, what: str, why: str) -> tuple[Path, dict]:
+    """(file, recipe) of a recipe JSON; a folder means its das_recipe.json. Shared by the pixel
+    and the LoRA recipe loaders (each then checks its own keys).
+
+    Raises:
+        EvalError: no such file, naming it; ``why`` says what `das lds train` does with it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECIPE_FILE
+    if not path.is_file():
+        raise EvalError(f"no {what} at {path}: {why}; pass --recipe FILE, or --command TEMPLATE to "
+                        f"train with your own script")
+    return path, json.loads(path.read_text())
+
+
 def load_lora_recipe(path: str | Path) -> dict:
     """A LoRA recipe JSON; a folder means its das_recipe.json.
 
     Raises:
         EvalError: no file, a pixel recipe, missing keys or values of the wrong type.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / RECIPE_FILE
-    if not path.is_file():
-        raise EvalError(f"no LoRA recipe at {path}: `das lds train` fine-tunes a fresh adapter per "
-                       f"subset with the built-in LoRA recipe; pass --recipe FILE (JSON with "
-                       f"{list(LORA_RECIPE_KEYS)}), or --command TEMPLATE to train with your own script")
-    recipe = json.loads(path.read_text())
+    path, recipe = read_recipe_json(path, "LoRA recipe", f"`das lds train` fine-tunes a fresh "
+                                    f"adapter per subset with the built-in LoRA recipe (JSON with "
+                                    f"{list(LORA_RECIPE_KEYS)})")
     if not is_lora_recipe(recipe) and "widths" in recipe:
         raise EvalError(f"recipe {path} is a pixel DDPM recipe (widths, attention, ...) but the "
                        f"config sets [model] lora: LoRA fine-tunes need a LoRA recipe with "

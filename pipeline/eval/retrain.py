@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from ..errors import EvalError
+from ..lora_recipe import RECIPE_FILE, read_recipe_json
 from .lds import Subsets
 
-RECIPE_FILE = "das_recipe.json"
 MARKER = "das_subset.json"
 RECIPE_KEYS = ("widths", "attention", "num_train_timesteps", "steps", "batch_size", "lr")
 PIPELINE_DIR, LORA_DIR = "model", "lora"
@@ -41,14 +41,8 @@ PIPELINE_DIR, LORA_DIR = "model", "lora"
 
 def load_recipe(path: str | Path) -> dict:
     """A built-in recipe (JSON with RECIPE_KEYS); a model folder means its das_recipe.json."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RECIPE_FILE
-    if not path.is_file():
-        raise EvalError(f"no recipe at {path}: `das lds train` retrains the built-in recipe, recorded "
-                       f"as {RECIPE_FILE} beside models it trained; pass --recipe FILE, or "
-                       f"--command TEMPLATE to retrain with your own script")
-    recipe = json.loads(path.read_text())
+    path, recipe = read_recipe_json(path, "recipe", f"`das lds train` retrains the built-in "
+                                    f"recipe, recorded as {RECIPE_FILE} beside models it trained")
     if "lora_rank" in recipe:
         raise EvalError(f"recipe {path} is a LoRA recipe but the config has no [model] lora: set "
                        f"[model] lora to the fine-tune's adapter, or pass a pixel DDPM recipe with "
