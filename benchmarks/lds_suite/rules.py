@@ -68,6 +68,11 @@ def _nonzero(fac: Factor) -> tuple[torch.Tensor, torch.Tensor]:
     return e[keep], fac.eigvecs_KK.double()[:, keep]
 
 
+def _df(e_R: torch.Tensor, lams_L: torch.Tensor) -> torch.Tensor:
+    """Degrees of freedom sum_j e_j / (e_j + lambda) of each lambda, (L,)."""
+    return (e_R[None, :] / (e_R[None, :] + lams_L[:, None])).sum(1)
+
+
 def gcv_curves(fac: Factor, query_feats_QK: torch.Tensor, lams_L: torch.Tensor) -> torch.Tensor:
     """GCV(lambda) of each query's ridge regression on the training rows, (Q, L)."""
     e, v = _nonzero(fac)
@@ -76,8 +81,7 @@ def gcv_curves(fac: Factor, query_feats_QK: torch.Tensor, lams_L: torch.Tensor) 
     perp_Q = (x.pow(2).sum(1) - c2_QR.sum(1)).clamp_min(0)
     shrink_LR = (lams_L[:, None] / (e[None, :] + lams_L[:, None])).pow(2)
     resid_QL = c2_QR @ shrink_LR.T + perp_Q[:, None]
-    df_L = (e[None, :] / (e[None, :] + lams_L[:, None])).sum(1)
-    return resid_QL / (1.0 - df_L / fac.dim).clamp_min(1e-12).pow(2)[None, :]
+    return resid_QL / (1.0 - _df(e, lams_L) / fac.dim).clamp_min(1e-12).pow(2)[None, :]
 
 
 def gcv_query(fac: Factor, train_feats_NK: torch.Tensor, query_feats_QK: torch.Tensor) -> torch.Tensor:
@@ -107,15 +111,16 @@ def gcv_train(fac: Factor, train_feats_NK: torch.Tensor, query_feats_QK=None, ma
     u2 = ((phi @ v) / e.sqrt()).pow(2)
     rest = (1.0 - u2.sum(1)).clamp_min(0)
     lams = lambda_grid(fac)
+    df_L = _df(e, lams)
     best, best_val = float(lams[0]), float("inf")
-    for lam in lams.tolist():
+    for lam, df_all in zip(lams.tolist(), df_L.tolist(), strict=True):
         b_ii = (u2 / (e + lam)).sum(1) + rest / lam
         b_col2 = (u2 / (e + lam).pow(2)).sum(1) + rest / lam**2
         objective = 1.0 / b_ii - lam
         w2 = (b_col2 - b_ii.pow(2)).clamp_min(0) / b_ii.pow(2)
         resid = (objective - lam * w2).clamp_min(0)
         lev = (u2 * (e / (e + lam))).sum(1)
-        df = (e / (e + lam)).sum() - lev
+        df = df_all - lev
         val = float((resid / (1.0 - df / fac.dim).clamp_min(1e-12).pow(2)).mean())
         if val < best_val:
             best, best_val = lam, val
@@ -126,8 +131,7 @@ def effective_dim(fac: Factor, fraction: float) -> float:
     """The lambda at which df(lambda) = fraction * rank (a spectrum-only rule)."""
     e, _ = _nonzero(fac)
     lams = lambda_grid(fac)
-    df = (e[None, :] / (e[None, :] + lams[:, None])).sum(1)
-    return float(lams[int((df - fraction * e.numel()).abs().argmin())])
+    return float(lams[int((_df(e, lams) - fraction * e.numel()).abs().argmin())])
 
 
 RULES = {
@@ -150,9 +154,11 @@ def interp_lds(lam_C: np.ndarray, lds_CQ: np.ndarray, lam_Q: np.ndarray) -> np.n
 
 def store_rules(cfg_path: Path, sweep: dict, splits) -> dict:
     """Per k, split and method: lambda per query of every rule, and the cell's LDS under it."""
+    from analyse import cell_summary
+
     from das_pipeline.config import ScoreConfig, load_config
     from das_pipeline.eval.lds import query_halves
-    from das_pipeline.eval.sweep import DEFAULT_GRID, read_split, store_factor
+    from das_pipeline.eval.sweep import read_split, store_factor
     from das_pipeline.fingerprint import open_store
 
     store = open_store(load_config(cfg_path))
@@ -170,12 +176,10 @@ def store_rules(cfg_path: Path, sweep: dict, splits) -> dict:
                 r = READOUT[method]
                 lam_C, lds_CQ = np.asarray(cell["lam"]), np.asarray(cell["lds"])
                 Q = lds_CQ.shape[1]
-                select, report = query_halves(Q, 0)
-                trace_k = facs[r].trace / k
-                grid_idx = [int(np.argmin(np.abs(np.log(lam_C / (g * trace_k))))) for g in DEFAULT_GRID]
-                best = grid_idx[int(np.argmax(np.nanmean(lds_CQ[grid_idx][:, select], axis=1)))]
-                rows = {"best swept": np.full(Q, lam_C[best]),
-                        "default": np.full(Q, facs[r].damping(ScoreConfig.damping))}
+                _, report = query_halves(Q, 0)
+                best = cell_summary(lam_C, lds_CQ, by["scales"][r], ())["best_lam"]
+                default = facs[r].damping(ScoreConfig.damping)
+                rows = {"best swept": np.full(Q, best), "default": np.full(Q, default)}
                 feats_t = torch.from_numpy(tr[r])
                 for name, rule in RULES.items():
                     lam = rule(facs[r], feats_t, torch.from_numpy(qf[r]))
@@ -184,8 +188,7 @@ def store_rules(cfg_path: Path, sweep: dict, splits) -> dict:
                 for name, lam_Q in rows.items():
                     lds_Q = interp_lds(lam_C, lds_CQ, lam_Q)[report]
                     res[name] = {"lds": float(np.nanmean(lds_Q)), "lds_Q": lds_Q.tolist(),
-                                 "log10_lam_over_default": float(np.median(np.log10(
-                                     lam_Q / facs[r].damping(ScoreConfig.damping))))}
+                                 "log10_lam_over_default": float(np.median(np.log10(lam_Q / default)))}
                 cell_k.setdefault(split, {})[method] = res
         out[str(k)] = cell_k
     return out
