@@ -47,6 +47,7 @@ within the split) and loaded as they are; range checks then use the finite rows 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -259,18 +260,42 @@ def _parse(source: str) -> tuple[str, slice]:
     return name, slice(start, stop)
 
 
-def digits_array() -> np.ndarray:
-    """scikit-learn's 1797 8x8 digits as uint8 (N, 1, 8, 8), values 0..16 rescaled to 0..255."""
+@functools.lru_cache(maxsize=1)
+def _digits_table() -> np.ndarray:
+    """scikit-learn's digits as its (1797, 65) float table: 64 pixels (0..16), then the label.
+
+    Read from the csv that scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``, the file
+    ``load_digits`` parses) without importing scikit-learn, whose ``datasets`` package takes
+    0.5-0.6 s to import; ``load_digits`` is the fallback where that file is not found. Equal to
+    ``load_digits`` (tests/test_data.py).
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as fh:
+                table = np.loadtxt(fh, delimiter=",")
+            if table.shape == (1797, 65):
+                return table
     from sklearn.datasets import load_digits
 
-    images = load_digits().images  # float64 in [0, 16]
+    bunch = load_digits()
+    return np.concatenate([bunch.data, bunch.target[:, None]], axis=1)
+
+
+def digits_array() -> np.ndarray:
+    """scikit-learn's 1797 8x8 digits as uint8 (N, 1, 8, 8), values 0..16 rescaled to 0..255."""
+    images = _digits_table()[:, :64].reshape(-1, 8, 8)  # float64 in [0, 16]
     return np.round(images * (255.0 / 16.0)).astype(np.uint8)[:, None]
 
 
 def digits_labels() -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    return load_digits().target
+    """The digits' labels 0..9 (int64), in the order of ``digits_array``."""
+    return _digits_table()[:, 64].astype(np.int64)
 
 
 def _hash(*parts) -> str:

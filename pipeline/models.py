@@ -93,6 +93,25 @@ def weights_digest(unet: torch.nn.Module, scheduler_config: dict,
     return h.hexdigest()
 
 
+def _build_scheduler(cls, config: dict):
+    """``cls(**config)`` restricted to the keys its constructor takes, as ``from_pretrained`` does.
+
+    Built directly because diffusers' ``from_pretrained`` / ``from_config`` import every compatible
+    scheduler class to sort the keys (scheduling_euler_discrete pulls in scipy.stats: 0.5-0.8 s of
+    every `das` command). Keys the constructor does not take (``_class_name``, a compatible
+    scheduler's options such as PNDM's ``skip_prk_steps``) do not reach the constructor but are kept
+    in ``scheduler.config``, as diffusers keeps them, so the config (and with it the weights
+    digest) equals ``from_pretrained``'s (tests/test_data.py).
+    """
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    scheduler = cls(**{k: v for k, v in config.items() if k in accepted})
+    # from_pretrained keeps the other keys in .config too (the weights digest reads them)
+    scheduler.register_to_config(**{k: v for k, v in config.items() if k not in accepted})
+    return scheduler
+
+
 def _scheduler(folder: Path):
     import diffusers
 
@@ -103,7 +122,7 @@ def _scheduler(folder: Path):
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ModelError(f"scheduler class {name!r} in {cfg_path} is not a diffusers scheduler")
-    scheduler = cls.from_pretrained(folder)
+    scheduler = _build_scheduler(cls, json.loads(cfg_path.read_text()))
     if not hasattr(scheduler, "alphas_cumprod"):
         raise ModelError(f"scheduler {name} has no alphas_cumprod; use a DDPM-style scheduler "
                          f"(DDPMScheduler, DDIMScheduler)")

@@ -205,7 +205,8 @@ def contact_sheet(rows: list[Row], train_thumb, out_png: Path, per_method: int |
                 draw.text((x, y + th + 1), fit(f"#{rank}: {score:.3g}", tw), fill="black")
                 draw.text((x, y + th + 12), fit(f"uid {uid}", tw), fill=(90, 90, 90))
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    # zlib level 1: a third of the default's encode time for a few per cent more bytes
+    canvas.save(out_png, compress_level=1)
     return out_png
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from das_pipeline.data import DataError, digits_array, open_dataset
+from das_pipeline.data import DataError, digits_array, digits_labels, open_dataset
 
 
 def test_digits_rows_and_uids():
@@ -15,6 +15,35 @@ def test_digits_rows_and_uids():
     assert x.dtype == torch.float32 and x.shape == (4, 1, 8, 8)
     assert x.min() >= -1 and x.max() <= 1
     np.testing.assert_allclose(x.numpy(), digits_array()[10:14] / 127.5 - 1, atol=1e-6)
+
+
+def test_digits_read_without_sklearn_equal_load_digits():
+    """The shipped csv read directly == scikit-learn's load_digits (images and labels)."""
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    expected = np.round(ref.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    np.testing.assert_array_equal(digits_array(), expected)
+    np.testing.assert_array_equal(digits_labels(), ref.target)
+
+
+def test_scheduler_built_directly_equals_from_pretrained(tmp_path):
+    """models._build_scheduler keeps every key of scheduler_config.json, as from_pretrained does."""
+    import json
+
+    import diffusers
+
+    from das_pipeline.models import _build_scheduler
+
+    for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler, diffusers.PNDMScheduler):
+        folder = tmp_path / cls.__name__
+        cls(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2").save_pretrained(folder)
+        cfg = json.loads((folder / "scheduler_config.json").read_text())
+        cfg.update({"skip_prk_steps": True, "steps_offset": 1, "an_unknown_key": 3})
+        (folder / "scheduler_config.json").write_text(json.dumps(cfg))
+        ref, ours = cls.from_pretrained(folder), _build_scheduler(cls, cfg)
+        assert type(ours) is cls and dict(ours.config) == dict(ref.config)
+        torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=0)
 
 
 def test_uint8_and_float_arrays_agree(tmp_path):
