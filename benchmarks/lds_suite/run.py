@@ -158,16 +158,27 @@ def make_patches(folder: Path, num_train: int, num_val: int, size: int = 16, dow
 
 
 def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "rademacher",
-                 ks: tuple[int, int] | None = None, dim: int | None = None) -> Path:
+                 ks: tuple[int, int] | None = None, dim: int | None = None, engine: str = "dense",
+                 seed: int = 0) -> Path:
     """examples/digits.toml with this member's data and k, at the defaults except noise and kind
-    (and, with ks = (K, S), [features] timesteps = K, noise_draws = S; with dim, that k)."""
+    (and, with ks = (K, S), [features] timesteps = K, noise_draws = S; with dim, that k; with
+    engine, that [projection] engine; with seed, that projection seed).
+
+    Store names: noise, then "_<kind>" for a dense kind other than rademacher or "_factored" for
+    the factored engine (its kind is rademacher), the K x S suffix, "_dim<k>" off the member's k,
+    "_seed<s>" off seed 0 (e.g. common_sjlt, common_factored_seed1, common_factored_dim8192).
+    """
     import tomllib
 
     from das_pipeline.config import dump_toml, merge
 
+    if engine == "factored" and kind != "rademacher":
+        raise ValueError(f"write_config: engine = factored with kind = {kind!r}; the suite's "
+                         "factored stores are rademacher")
     dim = dim or m["dim"]
-    name = (f"{noise}" + ("" if kind == "rademacher" else f"_{kind}") + ks_name(ks, s)
-            + ("" if dim == m["dim"] else f"_dim{dim}"))
+    tag = "_factored" if engine == "factored" else ("" if kind == "rademacher" else f"_{kind}")
+    name = (f"{noise}{tag}" + ks_name(ks, s) + ("" if dim == m["dim"] else f"_dim{dim}")
+            + ("" if seed == 0 else f"_seed{seed}"))
     K, S = ks if ks is not None else (s["timesteps"], 1)
     raw = tomllib.loads((HERE.parents[1] / "examples" / "digits.toml").read_text())
     queries = {"val": m["val"], **({"gen": "gen_png"} if m["num_generated"] else {})}
@@ -176,7 +187,8 @@ def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "radema
     raw = merge(raw, {
         "data": {"train": m["train"]},
         "features": {"timesteps": K, "noise_draws": S, "noise": noise, "batch_size": s["batch_size"]},
-        "projection": {"dim": dim, "kind": kind},
+        "projection": {"dim": dim, "kind": kind, "seed": seed,
+                       **({"engine": engine} if engine != "dense" else {})},
         "store": {"path": f"stores/{name}.zarr", "rows_per_unit": s["rows_per_unit"]}})
     path = folder / f"{name}.toml"
     path.write_text(dump_toml(raw))
