@@ -215,11 +215,13 @@ def collisions(train_feats, residual_N, query_feats, fac, variant, lams) -> list
     return out
 
 
-def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) -> dict:
+def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims, variants=None) -> dict:
     """Per k and split: per-query LDS (C, Q) of trak, dtrak, das at every lambda of the union grid.
 
     The grid is the `das lds eval --sweep` grid (relative to trace/k) plus every normalisation's
-    candidate constants, all expressed as lambdas of this store's factor.
+    candidate constants, all expressed as lambdas of this store's factor. ``variants`` (label ->
+    eval.sweep.Variant) replaces the default {trak, dtrak, das (gamma 0, residual r)}; results
+    are keyed by label.
     """
     from das_pipeline.config import ScoreConfig, load_config
     from das_pipeline.eval.lds import lds_from_predictions, load_subsets, load_truth
@@ -237,8 +239,9 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
     cfg = load_config(cfg_path)
     store = open_store(cfg)
     subs = load_subsets(subsets)
-    variants = [Variant("trak"), Variant("dtrak"), Variant("das", 0.0, "r")]
-    needed = ["loss", "square", "mean"]
+    if variants is None:
+        variants = {"trak": Variant("trak"), "dtrak": Variant("dtrak"), "das": Variant("das", 0.0, "r")}
+    needed = list(dict.fromkeys(v.base_readout for v in variants.values()))
     train = store.split("train")
     out = {}
     for k in dims:
@@ -252,7 +255,7 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
             qf, _, _, q_uids = read_split(store, split, needed, k)
             F = match_queries(t_uids, q_uids, F, len(q_uids), split)
             res_split = {}
-            for v in variants:
+            for label, v in variants.items():
                 r = v.base_readout
                 lam_per_k = sc[r]["trace/k"]
                 default = facs[r].damping(ScoreConfig.damping, ScoreConfig.damping_absolute)
@@ -262,7 +265,7 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
                 rel = lams / facs[r].damping(1.0)
                 pred = sweep_predictions(tr, res, rho, qf, {r: facs[r]}, rel, [v], mask)[v.name]
                 lds_CQ = np.stack([lds_from_predictions(pred[c], F) for c in range(len(rel))])
-                res_split[v.method] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(), "default": default,
+                res_split[label] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(), "default": default,
                                        "collisions": collisions(tr, res, qf, facs[r], v,
                                                                 np.asarray(DEFAULT_GRID) * lam_per_k)}
             by["splits"][split] = res_split
