@@ -185,6 +185,40 @@ def markdown(res: dict, members: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def overview(res: dict, members: dict) -> str:
+    """Counts over every (member, query set, method) cell, per k (the member's, or a multiple of
+    it) and damping: factored's mean inside dense's 95% interval, the paired factored - dense
+    interval below / across / above 0, the mean paired difference, and the seed std ratio."""
+    groups = {}
+    for key, row in res["cells"].items():
+        name, k = key.split("|")[:2]
+        if "factored-dense" not in row:
+            continue
+        scale = int(k) // members[name]["dim"]
+        for w in ("default", "best"):
+            d, f, diff = row["dense|0"][w], row["factored|0"][w], row["factored-dense"][w]
+            g = groups.setdefault((scale, w), {"cells": 0, "inside": 0, "below": 0, "across": 0,
+                                               "above": 0, "diffs": [], "ratios": []})
+            g["cells"] += 1
+            g["inside"] += int(d["lo"] <= f["mean"] <= d["hi"])
+            g["below" if diff["hi"] < 0 else "above" if diff["lo"] > 0 else "across"] += 1
+            g["diffs"].append(diff["mean"])
+            sd, sf = res["seeds"].get(f"{key}|dense"), res["seeds"].get(f"{key}|factored")
+            if sd and sf and sd[f"{w}_std"] > 0:
+                g["ratios"].append(sf[f"{w}_std"] / sd[f"{w}_std"])
+    lines = ["| k | damping | cells | factored mean inside dense's interval | paired factored - dense: "
+             "interval below 0 / across 0 / above 0 | mean paired difference (min, max) | seed std "
+             "ratio factored / dense: median (min, max; cells) |", "|---" * 7 + "|"]
+    for (scale, w), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "default")):
+        r = g["ratios"]
+        ratio = (f"{np.median(r):.1f} ({min(r):.1f}, {max(r):.1f}; {len(r)})" if r else "-")
+        label = "member's k" if scale == 1 else f"{scale} x member's k"
+        lines.append(f"| {label} | {w} | {g['cells']} | {g['inside']}/{g['cells']} | {g['below']} / "
+                     f"{g['across']} / {g['above']} | {np.mean(g['diffs']) * 100:+.1f} "
+                     f"({min(g['diffs']) * 100:+.1f}, {max(g['diffs']) * 100:+.1f}) | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/lds_suite", help="run.py's output folder (resumable)")
@@ -217,7 +251,7 @@ def main(argv=None) -> int:
     else:
         plans = build(root, members, s, names, args.seeds, seed_members, args.scale)
     res = results(root, plans)
-    md = markdown(res, members, names)
+    md = markdown(res, members, names) + "\n#### Over all cells (LDS x 100)\n\n" + overview(res, members)
     (root / "engines.json").write_text(json.dumps(res, indent=1))
     (root / "engines.md").write_text(md)
     print(md)
