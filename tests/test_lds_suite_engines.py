@@ -59,3 +59,7 @@ def test_plan(tmp_path):
     assert stores == ["common_sjlt", "common_factored", "common_sjlt_seed1", "common_factored_seed1",
                       "common_sjlt_dim256", "common_factored_dim256"]
     assert len(engines.plan(MEMBER, [0], 1)) == 2
+    seeded = [engines.store_config(tmp_path, MEMBER, COMMON, st).stem
+              for st in engines.plan(MEMBER, [0, 1], 4, scale_seeds=True)[4:]]
+    assert seeded == ["common_sjlt_dim256", "common_factored_dim256", "common_sjlt_dim256_seed1",
+                      "common_factored_dim256_seed1"]

@@ -11,7 +11,8 @@ Then per member, common noise, K = 10, every other setting at its default:
   (run.py's), and with --seeds the projection seeds 1, 2 (``common_sjlt_seed1`` ...);
 - factored: `[projection] engine = "factored"`, kind rademacher (its default), ``common_factored``
   and ``common_factored_seed1`` ...;
-- both at --scale times the member's k (``common_sjlt_dim8192``, ``common_factored_dim8192``).
+- both at --scale times the member's k (``common_sjlt_dim8192``, ``common_factored_dim8192``;
+  with --scale-seeds for the same seeds, ``common_factored_dim8192_seed1`` ...).
 
 Seeds other than 0 are extracted for the members of --seed-members only. Each store is extracted
 (`das extract`) unless complete and swept once by run.py's `sweep_store`, at its own k only (the
@@ -45,11 +46,13 @@ ENGINES = {"dense": "sjlt", "factored": "rademacher"}  # engine -> the kind it r
 ORDER = ("digits128", "patches256", "digits1024", "digits256w64")
 
 
-def plan(m: dict, seeds: list[int], scale: int) -> list[dict]:
-    """The stores of one member: both engines at its k for every seed, and at scale x k (seed 0)."""
+def plan(m: dict, seeds: list[int], scale: int, scale_seeds: bool = False) -> list[dict]:
+    """The stores of one member: both engines at its k for every seed, and at scale x k (seed 0,
+    or every seed with scale_seeds)."""
     out = [{"engine": e, "dim": m["dim"], "seed": s} for s in seeds for e in ENGINES]
     if scale > 1:
-        out += [{"engine": e, "dim": scale * m["dim"], "seed": 0} for e in ENGINES]
+        out += [{"engine": e, "dim": scale * m["dim"], "seed": s}
+                for s in (seeds if scale_seeds else [0]) for e in ENGINES]
     return out
 
 
@@ -60,7 +63,7 @@ def store_config(out: Path, m: dict, s: dict, st: dict) -> Path:
 
 
 def build(root: Path, members: dict, s: dict, names: list[str], seeds: list[int], seed_members: list[str],
-          scale: int) -> dict:
+          scale: int, scale_seeds: bool = False) -> dict:
     """Extract and sweep every planned store that is missing; returns {member: [planned store]}."""
     times_path = root / "engines_times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
@@ -84,7 +87,7 @@ def build(root: Path, members: dict, s: dict, names: list[str], seeds: list[int]
             raise SystemExit(f"{name}: {missing[0]} is missing; build the member first with "
                              f"`python benchmarks/lds_suite/run.py --out {root} --members {name} "
                              f"--kinds sjlt --noise-modes common --no-exact`")
-        plans[name] = plan(m, seeds if name in seed_members else [0], scale)
+        plans[name] = plan(m, seeds if name in seed_members else [0], scale, scale_seeds)
         for st in plans[name]:
             cfg = store_config(out, m, s, st)
             st["store"] = cfg.stem
@@ -229,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-members", nargs="*", default=["digits128", "patches256"],
                     help="members that get the seeds other than 0 (default digits128 patches256)")
     ap.add_argument("--scale", type=int, default=4, help="also both engines at scale x k (1: skip)")
+    ap.add_argument("--scale-seeds", action="store_true",
+                    help="the seeds of --seed-members at scale x k too (default: seed 0 there)")
     ap.add_argument("--analyse-only", action="store_true", help="only the tables, from what is on disk")
     args = ap.parse_args(argv)
     if 0 not in args.seeds:
@@ -246,10 +251,11 @@ def main(argv=None) -> int:
     seed_members = names if args.mini else args.seed_members
     if args.analyse_only:
         plans = {n: [{**st, "store": store_config(root / n, members[n], s, st).stem}
-                     for st in plan(members[n], args.seeds if n in seed_members else [0], args.scale)]
+                     for st in plan(members[n], args.seeds if n in seed_members else [0], args.scale,
+                                    args.scale_seeds)]
                  for n in names if (root / n / "truth").is_dir()}
     else:
-        plans = build(root, members, s, names, args.seeds, seed_members, args.scale)
+        plans = build(root, members, s, names, args.seeds, seed_members, args.scale, args.scale_seeds)
     res = results(root, plans)
     md = markdown(res, members, names) + "\n#### Over all cells (LDS x 100)\n\n" + overview(res, members)
     (root / "engines.json").write_text(json.dumps(res, indent=1))
