@@ -109,7 +109,11 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
             results["constants"][st] = {n: choose_constant(list(summ[st].values()), n, candidates)
                                         for n in NORMALISATIONS}
     for st in [st for st in stores if summ[st]]:
-        consts = results["constants"]["common" if st.startswith("common") else st]
+        mode = "common" if st.startswith("common") else st
+        if mode not in results["constants"]:  # e.g. --kinds sjlt alone: no rademacher common store
+            results["constants"][st] = {n: choose_constant(list(summ[st].values()), n, candidates)
+                                        for n in NORMALISATIONS}
+        consts = results["constants"].get(mode) or results["constants"][st]
         for key, s in summ[st].items():
             row = {"best": summarize(s["best_report_Q"]).as_dict(), "best_c": s["best_c_trace_k"],
                    "oracle_report": s["oracle_report"], "today": summarize(s["today_report_Q"]).as_dict(),
@@ -133,7 +137,7 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
         if key in summ["common"]:
             d = summ["common"][key]["best_report_Q"] - summ["content"][key]["best_report_Q"]
             results["noise"]["|".join(map(str, key))] = summarize(d).as_dict()
-    for st in stores:
+    for st in [st for st in stores if summ[st]]:
         rows = [r for c, r in results["cells"].items() if c.startswith(st + "|")]
         short = [r["best"]["mean"] - r["today"]["mean"] for r in rows]
         dshort = [r["best"]["mean"] - r["default"]["mean"] for r in rows if "default" in r]
@@ -158,7 +162,8 @@ def summary(results: dict, settings: dict) -> list[str]:
     def delta(row, what):
         return f"{fmt(row[what])} ({(row[what]['mean'] - row['best']['mean']) * 100:+.1f})"
 
-    keys = sorted({tuple(c.split("|")[1:]) for c in results["cells"] if c.startswith("common|")},
+    keys = sorted({tuple(c.split("|")[1:]) for c in results["cells"]
+                   if c.split("|")[0] in ("common", "common_sjlt")},
                   key=lambda t: (list(settings["members"]).index(t[0]), -int(t[1]), t[2] != "val",
                                  METHODS.index(t[3])))
     lines = ["| member | k | queries | method | content, c=1 trace/k (old defaults) | content, best "
@@ -166,11 +171,12 @@ def summary(results: dict, settings: dict) -> list[str]:
              "sjlt common, best swept | sjlt common, new default |", "|---" * 11 + "|"]
     for key in keys:
         j = "|".join(key)
-        co, ct = results["cells"]["common|" + j], results["cells"].get("content|" + j)
+        co, ct = results["cells"].get("common|" + j), results["cells"].get("content|" + j)
         sj = results["cells"].get("common_sjlt|" + j)
         lines.append(f"| {' | '.join(key)} | {fmt(ct['today']) if ct else '-'} | "
-                     f"{fmt(ct['best']) if ct else '-'} | {fmt(co['best'])} | {fmt(co['today'])} | "
-                     f"{delta(co, 'default') if 'default' in co else '-'} | "
+                     f"{fmt(ct['best']) if ct else '-'} | {fmt(co['best']) if co else '-'} | "
+                     f"{fmt(co['today']) if co else '-'} | "
+                     f"{delta(co, 'default') if co and 'default' in co else '-'} | "
                      f"{fmt(sj['best']) if sj else '-'} | "
                      f"{delta(sj, 'default') if sj and 'default' in sj else '-'} |")
     return lines
@@ -189,12 +195,14 @@ def markdown(results: dict, settings: dict) -> str:
                                  METHODS.index(t[3])))
     stores = sorted({c.split("|")[0] for c in results["cells"]},
                     key=lambda s: (s != "content", s != "common", s))
+    # the header's constants: the rademacher common store's, else (no such store) the first chosen
+    head_consts = results["constants"].get("common") or next(iter(results["constants"].values()))
     for member in dict.fromkeys(k[0] for k in keys):
         m = settings["members"][member]
         lines += [f"#### {member}: train {m['train']}, val {m['val']}"
                   + (f", gen {m['num_generated']} generated" if m["num_generated"] else ""), ""]
         head = ("| k | queries | method | store | best swept (c) | today c=1 trace/k | new default | "
-                + " | ".join(f"{n} c={results['constants']['common'][n]['c']:.3g}"
+                + " | ".join(f"{n} c={head_consts[n]['c']:.3g}"
                              for n in NORMALISATIONS) + " | top-1 same row |")
         lines += [head, "|" + "---|" * (8 + len(NORMALISATIONS))]
         for key in keys:

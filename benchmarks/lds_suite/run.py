@@ -158,16 +158,27 @@ def make_patches(folder: Path, num_train: int, num_val: int, size: int = 16, dow
 
 
 def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "rademacher",
-                 ks: tuple[int, int] | None = None, dim: int | None = None) -> Path:
+                 ks: tuple[int, int] | None = None, dim: int | None = None, engine: str = "dense",
+                 seed: int = 0) -> Path:
     """examples/digits.toml with this member's data and k, at the defaults except noise and kind
-    (and, with ks = (K, S), [features] timesteps = K, noise_draws = S; with dim, that k)."""
+    (and, with ks = (K, S), [features] timesteps = K, noise_draws = S; with dim, that k; with
+    engine, that [projection] engine; with seed, that projection seed).
+
+    Store names: noise, then "_<kind>" for a dense kind other than rademacher or "_factored" for
+    the factored engine (its kind is rademacher), the K x S suffix, "_dim<k>" off the member's k,
+    "_seed<s>" off seed 0 (e.g. common_sjlt, common_factored_seed1, common_factored_dim8192).
+    """
     import tomllib
 
     from das_pipeline.config import dump_toml, merge
 
+    if engine == "factored" and kind != "rademacher":
+        raise ValueError(f"write_config: engine = factored with kind = {kind!r}; the suite's "
+                         "factored stores are rademacher")
     dim = dim or m["dim"]
-    name = (f"{noise}" + ("" if kind == "rademacher" else f"_{kind}") + ks_name(ks, s)
-            + ("" if dim == m["dim"] else f"_dim{dim}"))
+    tag = "_factored" if engine == "factored" else ("" if kind == "rademacher" else f"_{kind}")
+    name = (f"{noise}{tag}" + ks_name(ks, s) + ("" if dim == m["dim"] else f"_dim{dim}")
+            + ("" if seed == 0 else f"_seed{seed}"))
     K, S = ks if ks is not None else (s["timesteps"], 1)
     raw = tomllib.loads((HERE.parents[1] / "examples" / "digits.toml").read_text())
     queries = {"val": m["val"], **({"gen": "gen_png"} if m["num_generated"] else {})}
@@ -176,7 +187,8 @@ def write_config(folder: Path, m: dict, s: dict, noise: str, kind: str = "radema
     raw = merge(raw, {
         "data": {"train": m["train"]},
         "features": {"timesteps": K, "noise_draws": S, "noise": noise, "batch_size": s["batch_size"]},
-        "projection": {"dim": dim, "kind": kind},
+        "projection": {"dim": dim, "kind": kind, "seed": seed,
+                       **({"engine": engine} if engine != "dense" else {})},
         "store": {"path": f"stores/{name}.zarr", "rows_per_unit": s["rows_per_unit"]}})
     path = folder / f"{name}.toml"
     path.write_text(dump_toml(raw))
@@ -203,11 +215,13 @@ def collisions(train_feats, residual_N, query_feats, fac, variant, lams) -> list
     return out
 
 
-def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) -> dict:
+def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims, variants=None) -> dict:
     """Per k and split: per-query LDS (C, Q) of trak, dtrak, das at every lambda of the union grid.
 
     The grid is the `das lds eval --sweep` grid (relative to trace/k) plus every normalisation's
-    candidate constants, all expressed as lambdas of this store's factor.
+    candidate constants, all expressed as lambdas of this store's factor. ``variants`` (label ->
+    eval.sweep.Variant) replaces the default {trak, dtrak, das (gamma 0, residual r)}; results
+    are keyed by label.
     """
     from das_pipeline.config import ScoreConfig, load_config
     from das_pipeline.eval.lds import lds_from_predictions, load_subsets, load_truth
@@ -225,8 +239,9 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
     cfg = load_config(cfg_path)
     store = open_store(cfg)
     subs = load_subsets(subsets)
-    variants = [Variant("trak"), Variant("dtrak"), Variant("das", 0.0, "r")]
-    needed = ["loss", "square", "mean"]
+    if variants is None:
+        variants = {"trak": Variant("trak"), "dtrak": Variant("dtrak"), "das": Variant("das", 0.0, "r")}
+    needed = list(dict.fromkeys(v.base_readout for v in variants.values()))
     train = store.split("train")
     out = {}
     for k in dims:
@@ -240,7 +255,7 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
             qf, _, _, q_uids = read_split(store, split, needed, k)
             F = match_queries(t_uids, q_uids, F, len(q_uids), split)
             res_split = {}
-            for v in variants:
+            for label, v in variants.items():
                 r = v.base_readout
                 lam_per_k = sc[r]["trace/k"]
                 default = facs[r].damping(ScoreConfig.damping, ScoreConfig.damping_absolute)
@@ -250,7 +265,7 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims) ->
                 rel = lams / facs[r].damping(1.0)
                 pred = sweep_predictions(tr, res, rho, qf, {r: facs[r]}, rel, [v], mask)[v.name]
                 lds_CQ = np.stack([lds_from_predictions(pred[c], F) for c in range(len(rel))])
-                res_split[v.method] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(), "default": default,
+                res_split[label] = {"lam": lams.tolist(), "lds": lds_CQ.tolist(), "default": default,
                                        "collisions": collisions(tr, res, qf, facs[r], v,
                                                                 np.asarray(DEFAULT_GRID) * lam_per_k)}
             by["splits"][split] = res_split
