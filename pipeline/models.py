@@ -118,11 +118,12 @@ def _scheduler(folder: Path):
     cfg_path = folder / "scheduler_config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{folder} lacks scheduler_config.json")
-    name = json.loads(cfg_path.read_text()).get("_class_name", "DDPMScheduler")
+    config = json.loads(cfg_path.read_text())
+    name = config.get("_class_name", "DDPMScheduler")
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ModelError(f"scheduler class {name!r} in {cfg_path} is not a diffusers scheduler")
-    scheduler = _build_scheduler(cls, json.loads(cfg_path.read_text()))
+    scheduler = _build_scheduler(cls, config)
     if not hasattr(scheduler, "alphas_cumprod"):
         raise ModelError(f"scheduler {name} has no alphas_cumprod; use a DDPM-style scheduler "
                          f"(DDPMScheduler, DDIMScheduler)")

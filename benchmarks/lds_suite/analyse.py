@@ -111,9 +111,10 @@ def analyse(root: Path, members: dict, names, kinds, candidates) -> dict:
     for st in [st for st in stores if summ[st]]:
         mode = "common" if st.startswith("common") else st
         if mode not in results["constants"]:  # e.g. --kinds sjlt alone: no rademacher common store
+            mode = st
             results["constants"][st] = {n: choose_constant(list(summ[st].values()), n, candidates)
                                         for n in NORMALISATIONS}
-        consts = results["constants"].get(mode) or results["constants"][st]
+        consts = results["constants"][mode]
         for key, s in summ[st].items():
             row = {"best": summarize(s["best_report_Q"]).as_dict(), "best_c": s["best_c_trace_k"],
                    "oracle_report": s["oracle_report"], "today": summarize(s["today_report_Q"]).as_dict(),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,17 +64,7 @@ def store_config(out: Path, m: dict, s: dict, st: dict) -> Path:
 def build(root: Path, members: dict, s: dict, names: list[str], seeds: list[int], seed_members: list[str],
           scale: int, scale_seeds: bool = False) -> dict:
     """Extract and sweep every planned store that is missing; returns {member: [planned store]}."""
-    times_path = root / "engines_times.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    t0 = time.perf_counter()
-
-    def stage(key, fn, *a):
-        started = time.perf_counter()
-        result = fn(*a)
-        times[key] = took = time.perf_counter() - started
-        times_path.write_text(json.dumps(times, indent=1))
-        print(f"[{time.perf_counter() - t0:7.1f} s] {key}: {took:.1f} s", flush=True)
-        return result
+    stage = suite.stage_timer(root / "engines_times.json")
 
     plans = {}
     for name in names:

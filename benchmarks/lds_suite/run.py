@@ -273,6 +273,27 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims, va
     return out
 
 
+def stage_timer(times_path: Path):
+    """``stage(key, fn, *args)``: runs ``fn(*args)``, prints the elapsed time and records it under
+    ``key`` in the JSON file ``times_path`` (kept across resumed runs: a key's time is replaced
+    only by a run that took over a second, i.e. did the work). ``stage.times`` is the dict."""
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    t0 = time.perf_counter()
+
+    def stage(key, fn, *a):
+        started = time.perf_counter()
+        result = fn(*a)
+        took = time.perf_counter() - started
+        if took > 1.0 or key not in times:
+            times[key] = took
+        times_path.write_text(json.dumps(times, indent=1))
+        print(f"[{time.perf_counter() - t0:7.1f} s] {key}: {took:.1f} s", flush=True)
+        return result
+
+    stage.times = times
+    return stage
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/lds_suite", help="output folder (resumable)")
@@ -301,20 +322,9 @@ def main(argv=None) -> int:
     names = args.members or list(members)
     root = Path(args.out).resolve()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    times_path = root / "times.json"
     root.mkdir(parents=True, exist_ok=True)
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    t0 = time.perf_counter()
-
-    def stage(key, fn, *a):
-        started = time.perf_counter()
-        result = fn(*a)
-        took = time.perf_counter() - started
-        if took > 1.0 or key not in times:
-            times[key] = took
-        times_path.write_text(json.dumps(times, indent=1))
-        print(f"[{time.perf_counter() - t0:7.1f} s] {key}: {took:.1f} s", flush=True)
-        return result
+    stage = stage_timer(root / "times.json")
+    times = stage.times
 
     q = ["--quiet"]
     for name in names:
