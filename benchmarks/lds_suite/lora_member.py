@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from run import das, store_complete  # noqa: E402
+from run import das, stage_timer, store_complete  # noqa: E402
 
 # Sized for this project's 2 shared CPU cores (a UNet step at batch 32 took 0.5 s there).
 FULL = {"base_rows": (500, 1500), "train_rows": (0, 128), "val_rows": (1500, 1564),
@@ -328,18 +327,9 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    times_path = out / "times.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    t0 = time.perf_counter()
-
-    def stage(key, fn, *a):
-        started = time.perf_counter()
-        result = fn(*a)
-        took = time.perf_counter() - started
-        times.setdefault(key, took)  # the first run's time: a resumed stage only checks its outputs
-        times_path.write_text(json.dumps(times, indent=1))
-        print(f"[{time.perf_counter() - t0:7.1f} s] {key}: {took:.1f} s", flush=True)
-        return result
+    # the first run's time: a resumed stage only checks its outputs
+    stage = stage_timer(out / "times.json", keep_first=True)
+    times = stage.times
 
     for name, rows in (("train_images", s["train_rows"]), ("val_images", s["val_rows"])):
         if not (out / name / "metadata.jsonl").is_file():

@@ -273,10 +273,11 @@ def sweep_store(cfg_path: Path, subsets: Path, truth_dir: Path, splits, dims, va
     return out
 
 
-def stage_timer(times_path: Path):
+def stage_timer(times_path: Path, keep_first: bool = False):
     """``stage(key, fn, *args)``: runs ``fn(*args)``, prints the elapsed time and records it under
     ``key`` in the JSON file ``times_path`` (kept across resumed runs: a key's time is replaced
-    only by a run that took over a second, i.e. did the work). ``stage.times`` is the dict."""
+    only by a run that took over a second, i.e. did the work; with ``keep_first`` never).
+    ``stage.times`` is the dict."""
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     t0 = time.perf_counter()
 
@@ -284,7 +285,7 @@ def stage_timer(times_path: Path):
         started = time.perf_counter()
         result = fn(*a)
         took = time.perf_counter() - started
-        if took > 1.0 or key not in times:
+        if key not in times or (took > 1.0 and not keep_first):
             times[key] = took
         times_path.write_text(json.dumps(times, indent=1))
         print(f"[{time.perf_counter() - t0:7.1f} s] {key}: {took:.1f} s", flush=True)
